@@ -1,0 +1,71 @@
+"""Llama family adapter (RMSNorm, rotary embeddings, grouped-query attention, SiLU-gated MLP).
+
+Covers Llama, CodeLlama, Mistral-style and SmolLM2 checkpoints. Projection weights are used as
+views of the model's own parameters (no copies), so a 13B model is not held twice.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, heads_out, project, sdpa
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"
+
+    def __init__(self, hf_model):
+        cfg = hf_model.config
+        self.hf = hf_model
+        self.core = hf_model.model
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_model = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        H, G, dh, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+        self.groups, self.W_o, self.scales = [], [], []
+        for layer in self.core.layers:
+            at = layer.self_attn
+
+            def wb(lin, n):
+                b = None if lin.bias is None else lin.bias.detach().view(n, dh)
+                return lin.weight.detach().view(n, dh, d), b
+
+            self.groups.append([wb(at.q_proj, H), wb(at.k_proj, G), wb(at.v_proj, G)])
+            # o_proj: y = o @ W.T with W [d, H*dh]; W.T viewed per head is [H, dh, d] (in, out)
+            self.W_o.append(at.o_proj.weight.detach().T.view(H, dh, d))
+            self.scales.append(getattr(at, "scaling", dh ** -0.5))
+
+    def embed(self, ids):
+        return self.core.embed_tokens(ids)
+
+    def context(self, seq_len, attention_mask, device):
+        pos = torch.arange(seq_len, device=device)[None]
+        probe = self.core.embed_tokens.weight[:1]
+        cos, sin = self.core.rotary_emb(probe, pos)  # [1, S, dh] each
+        return cos, sin, self.attention_bias(seq_len, attention_mask, True, device, None)
+
+    def attention(self, layer, x, ctx, per_head=True):
+        cos, sin, mask = ctx
+        lay = self.core.layers[layer]
+        q, k, v = project(lay.input_layernorm(x), self.groups[layer])
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        o = sdpa(q, k, v, mask, True, self.scales[layer])
+        return heads_out(o, self.W_o[layer], per_head)
+
+    def attn_out_bias(self, layer):
+        b = self.core.layers[layer].self_attn.o_proj.bias
+        return None if b is None else b.detach()
+
+    def mlp(self, layer, x):
+        lay = self.core.layers[layer]
+        return lay.mlp(lay.post_attention_layernorm(x))
+
+    def unembed(self, x):
+        return self.hf.lm_head(self.core.norm(x))

@@ -1,0 +1,277 @@
+"""The masked forward engine: a transformer whose edges can each be replaced by corrupted (or zero)
+activations, exactly and differentiably.
+
+Per example pair (clean x, corrupted x~):
+
+1. corrupted pass (no grad): every writer's output y~_w and the corrupted residual stream at every
+   read point (`CorruptedCache`; reusable across steps);
+2. masked pass: a writer stack D = [y_w - y~_w] of shape [writers, B*S*d]; reader r reads
+   ``corrupted_residual + sum_w z[w, r] * D_w`` (eq. 3 of Bhaskar et al. 2024), one matrix product
+   per layer. Node masks scale a writer's row of the edge mask.
+
+All masks 1 reproduce the model; all masks 0 reproduce the corrupted run; zero ablation uses
+y~ = 0. The attention output bias is a constant that rides along in the residual and is never
+ablated.
+
+The writer stack is one preallocated buffer written once per writer; `_ReadMix` reads a prefix of
+it without copying and routes gradients back to the writers' outputs, so a layer costs one GEMM
+forward and two backward, with no growing concatenations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+ABLATIONS = ("interchange", "zero")
+
+
+class _ReadMix(torch.autograd.Function):
+    """out[r] = base + sum_w mask[w, r] * buf[w]  over rows (optionally gathered) of the writer stack.
+
+    ``buf`` holds the same numbers as ``torch.cat(chunks)``; it is read, never differentiated. The
+    chunks (writer outputs minus their ablated values) are passed only so autograd routes the
+    gradient ``mask @ grad`` back to them. ``rows`` (optional) picks token rows of a ``[W, T, d]``
+    view of the stack (the logits reader reads only the scored positions).
+    """
+
+    @staticmethod
+    def forward(ctx, mask, base, buf, rows, d, *chunks):
+        W = buf.shape[0]
+        src = buf if rows is None else buf.view(W, -1, d)[:, rows].reshape(W, -1)
+        out = torch.addmm(base.reshape(1, -1), mask.t(), src)
+        ctx.save_for_backward(mask)
+        ctx.src, ctx.rows, ctx.d = src, rows, d
+        ctx.sizes = [c.shape[0] for c in chunks]
+        ctx.full = buf.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gmask = ctx.src @ grad.t() if need[0] else None
+        gchunks = [None] * len(ctx.sizes)
+        if any(need[5:]):
+            g = mask @ grad  # [W, cols]
+            if ctx.rows is not None:
+                full = g.new_zeros(g.shape[0], ctx.full // ctx.d, ctx.d)
+                full.index_add_(1, ctx.rows, g.view(g.shape[0], -1, ctx.d))
+                g = full.view(g.shape[0], -1)
+            gchunks = [gc if n else None for gc, n in zip(g.split(ctx.sizes), need[5:])]
+        return (gmask, None, None, None, None, *gchunks)
+
+
+@dataclass
+class CorruptedCache:
+    """What the masked pass needs from the corrupted run of one batch.
+
+    ``writers``: y~ [W, B*S*d] (None for zero ablation: y~ = 0); ``resid``: the corrupted residual at
+    each read point, [2L+1, B*S*d] for interchange (before attention l at 2l, before MLP l at 2l+1,
+    final at 2L) or [2L+1, d] of output-bias constants for zero ablation.
+    """
+
+    ablation: str
+    shape: tuple[int, int]
+    writers: torch.Tensor | None
+    resid: torch.Tensor
+
+    def resid_at(self, slot: int, rows=None, d=None) -> torch.Tensor:
+        r = self.resid[slot]
+        if self.writers is None:  # zero ablation: a constant per feature, broadcast over tokens
+            n_tokens = self.shape[0] * self.shape[1] if rows is None else len(rows)
+            return r.expand(n_tokens, -1).reshape(-1)
+        return r if rows is None else r.view(-1, d)[rows].reshape(-1)
+
+
+class MaskedModel(torch.nn.Module):
+    """A loaded model whose edges and nodes can be masked.
+
+    ``MaskedModel(model)(clean_ids, corrupted_ids, attention_mask=None, edge_mask=None,
+    node_mask=None, positions=None, ablation="interchange", corrupted=None)`` -> logits
+    ``[B, P, vocab]``. ``edge_mask`` is ``[writers, readers]`` (entries outside ``graph.valid`` are
+    ignored), ``node_mask`` is ``[writers]``; None means all ones. ``positions`` is a LongTensor
+    ``[B, P]`` or ``[B]`` of token indices to score, or None for all. Pass ``corrupted=`` a
+    `CorruptedCache` from `corrupted_cache` to skip the corrupted pass.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.adapter = model.adapter
+        self.graph = model.graph
+        g = self.graph
+        self._L, self._H = g.n_layers, g.n_heads
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def _prep(self, ids, attention_mask):
+        if ids.dim() != 2:
+            raise UserError(f"token ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        ids = ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            if attention_mask.shape != ids.shape:
+                raise UserError("attention_mask must have the shape of the token ids")
+        return ids, attention_mask
+
+    def _rows(self, positions, B, S):
+        """Flat token rows (b*S + s) of the scored positions, and P; None rows = every position."""
+        if positions is None:
+            return None, S
+        positions = torch.as_tensor(positions, device=self.device).long()
+        if positions.dim() == 1:
+            positions = positions[:, None]
+        if positions.shape[0] != B:
+            raise UserError(f"positions has {positions.shape[0]} rows for a batch of {B}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= S):
+            raise UserError(f"positions must lie in [0, {S})")
+        rows = (torch.arange(B, device=self.device)[:, None] * S + positions).reshape(-1)
+        return rows, positions.shape[1]
+
+    def _bias_const(self, layer):
+        b = self.adapter.attn_out_bias(layer)
+        return None if b is None else b.to(self.dtype)
+
+    # ---- plain passes ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _plain(self, ids, attention_mask, capture):
+        """One ordinary forward. capture=True also returns every writer's output and the residual
+        at every read point (the corrupted cache); otherwise the final residual only."""
+        a, g = self.adapter, self.graph
+        B, S = ids.shape
+        ctx = a.context(S, attention_mask, self.device)
+        resid = a.embed(ids).to(self.dtype)
+        if capture:
+            writers = resid.new_empty(g.n_writers, B, S, resid.shape[-1])
+            slots = resid.new_empty(2 * self._L + 1, B, S, resid.shape[-1])
+            writers[0] = resid
+        for l in range(self._L):
+            if capture:
+                slots[2 * l] = resid
+                heads = a.attention(l, resid[None], ctx, per_head=True)
+                writers[g.head_writers(l)] = heads
+                attn = heads.sum(0)
+            else:
+                attn = a.attention(l, resid[None], ctx, per_head=False)
+            resid = resid + attn
+            bias = self._bias_const(l)
+            if bias is not None:
+                resid = resid + bias
+            if capture:
+                slots[2 * l + 1] = resid
+            m = a.mlp(l, resid)
+            if capture:
+                writers[g.mlp_writer(l)] = m
+            resid = resid + m
+        if capture:
+            slots[2 * self._L] = resid
+            return writers.view(g.n_writers, -1), slots.view(2 * self._L + 1, -1)
+        return resid
+
+    def corrupted_cache(self, corrupted_ids=None, attention_mask=None, ablation="interchange",
+                        shape=None) -> CorruptedCache:
+        """Run the corrupted pass once (interchange) or build the bias constants (zero)."""
+        if ablation not in ABLATIONS:
+            raise UserError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        if ablation == "zero":
+            if corrupted_ids is not None:
+                shape = tuple(corrupted_ids.shape)
+            if shape is None:
+                raise ValueError("zero ablation needs the batch shape (pass corrupted_ids or shape)")
+            d = self.adapter.d_model
+            consts = torch.zeros(2 * self._L + 1, d, device=self.device, dtype=self.dtype)
+            acc = torch.zeros(d, device=self.device, dtype=self.dtype)
+            for l in range(self._L):
+                consts[2 * l] = acc
+                b = self._bias_const(l)
+                if b is not None:
+                    acc = acc + b
+                consts[2 * l + 1] = acc
+            consts[2 * self._L] = acc
+            return CorruptedCache("zero", tuple(shape), None, consts)
+        if corrupted_ids is None:
+            raise UserError("interchange ablation needs corrupted token ids")
+        ids, attention_mask = self._prep(corrupted_ids, attention_mask)
+        writers, resid = self._plain(ids, attention_mask, capture=True)
+        return CorruptedCache("interchange", tuple(ids.shape), writers, resid)
+
+    @torch.no_grad()
+    def reference(self, clean_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        """The full model's logits [B, P, vocab] at ``positions`` (no grad)."""
+        ids, attention_mask = self._prep(clean_ids, attention_mask)
+        B, S = ids.shape
+        resid = self._plain(ids, attention_mask, capture=False)
+        rows, P = self._rows(positions, B, S)
+        x = resid.reshape(B * S, -1)
+        if rows is not None:
+            x = x[rows]
+        return self.adapter.unembed(x).view(B, P, -1)
+
+    # ---- the masked pass -----------------------------------------------------------------------------
+    def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
+                node_mask=None, positions=None, ablation="interchange", corrupted=None):
+        a, g = self.adapter, self.graph
+        ids, attention_mask = self._prep(clean_ids, attention_mask)
+        B, S = ids.shape
+        if corrupted is None:
+            corrupted = self.corrupted_cache(corrupted_ids, attention_mask, ablation, shape=(B, S))
+        elif corrupted.shape != (B, S):
+            raise UserError(f"corrupted cache is for a batch of shape {corrupted.shape}, not {(B, S)}")
+        mask = self._effective_mask(edge_mask, node_mask)
+        rows, P = self._rows(positions, B, S)
+
+        ctx = a.context(S, attention_mask, self.device)
+        emb = a.embed(ids).to(self.dtype)
+        d = emb.shape[-1]
+        N = B * S * d
+        ytil = corrupted.writers  # None: zero ablation
+        buf = emb.new_empty(g.n_writers, N)  # the writer stack D, filled writer by writer
+        chunks = []
+
+        def push(start, out):  # out: [n, N] writer outputs; store D = out - y~
+            delta = out if ytil is None else out - ytil[start:start + out.shape[0]]
+            buf[start:start + out.shape[0]] = delta.detach()
+            chunks.append(delta)
+
+        def read(n_writers, readers, slot, rows=None):
+            base = corrupted.resid_at(slot, rows, d)
+            return _ReadMix.apply(mask[:n_writers, readers], base, buf[:n_writers], rows, d,
+                                  *chunks)
+
+        push(0, emb.reshape(1, N))
+        for l in range(self._L):
+            rs = g.attn_readers(l)
+            x = read(g.writers_before_attn(l), rs, 2 * l).view(-1, B, S, d)
+            heads = a.attention(l, x, ctx, per_head=True)
+            push(g.head_writers(l).start, heads.reshape(self._H, N))
+            mr = g.mlp_reader(l)
+            x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
+            push(g.mlp_writer(l), a.mlp(l, x).reshape(1, N))
+        lr = g.logits_reader
+        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
+        return a.unembed(final.view(B, P, d))
+
+    def _effective_mask(self, edge_mask, node_mask):
+        g = self.graph
+        shape = (g.n_writers, g.n_readers)
+        if edge_mask is None:
+            mask = torch.ones(shape, device=self.device, dtype=self.dtype)
+        else:
+            if tuple(edge_mask.shape) != shape:
+                raise UserError(f"edge_mask must have shape {shape} (writers x readers), got {tuple(edge_mask.shape)}")
+            mask = edge_mask.to(device=self.device, dtype=self.dtype)
+        if node_mask is not None:
+            if tuple(node_mask.shape) != (g.n_writers,):
+                raise UserError(f"node_mask must have shape ({g.n_writers},), got {tuple(node_mask.shape)}")
+            mask = mask * node_mask.to(device=self.device, dtype=self.dtype)[:, None]
+        return mask

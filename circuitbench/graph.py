@@ -1,0 +1,178 @@
+"""The edge graph of a transformer: writers, readers and the dense writer x reader edge matrix.
+
+Writers (in forward order): ``input``, then per layer ``a{l}.h{h}`` for every head and ``m{l}``.
+Readers (in forward order): per layer ``a{l}.h{h}<q>`` for every head, ``<k>`` and ``<v>`` per head
+(or ``a{l}.g{g}<k>``/``<v>`` per key/value group under grouped-query attention), ``m{l}``; last
+``logits``. Writer ``w`` feeds reader ``r`` when ``w`` is computed before ``r`` is read, so the MLP of
+layer ``l`` reads the heads of layer ``l``. This is the EAP/ACDC/MIB convention: GPT-2 small has
+32,491 edges.
+
+Everything is index arithmetic over contiguous blocks, so the engine reads slices, not dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class Graph:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None or == n_heads: no grouped-query attention
+    has_mlp: bool = True
+
+    def __post_init__(self):
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_layers < 1 or self.n_heads < 1 or self.n_heads % kv:
+            raise ValueError(f"bad graph shape: layers={self.n_layers} heads={self.n_heads} kv={kv}")
+
+    # ---- shape -------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def grouped(self) -> bool:
+        return self.kv_heads != self.n_heads
+
+    @property
+    def writers_per_layer(self) -> int:
+        return self.n_heads + int(self.has_mlp)
+
+    @property
+    def attn_readers_per_layer(self) -> int:
+        return self.n_heads + 2 * self.kv_heads
+
+    @property
+    def readers_per_layer(self) -> int:
+        return self.attn_readers_per_layer + int(self.has_mlp)
+
+    @property
+    def n_writers(self) -> int:
+        return 1 + self.n_layers * self.writers_per_layer
+
+    @property
+    def n_readers(self) -> int:
+        return self.n_layers * self.readers_per_layer + 1
+
+    # ---- block offsets (the engine's slices) ---------------------------------------------------
+    def head_writers(self, layer: int) -> slice:
+        start = 1 + layer * self.writers_per_layer
+        return slice(start, start + self.n_heads)
+
+    def mlp_writer(self, layer: int) -> int:
+        if not self.has_mlp:
+            raise ValueError("this graph has no MLP writers")
+        return 1 + layer * self.writers_per_layer + self.n_heads
+
+    def writers_before_attn(self, layer: int) -> int:
+        """Number of writers visible to the attention readers of ``layer`` (a prefix)."""
+        return 1 + layer * self.writers_per_layer
+
+    def writers_before_mlp(self, layer: int) -> int:
+        return self.writers_before_attn(layer) + self.n_heads
+
+    def attn_readers(self, layer: int) -> slice:
+        start = layer * self.readers_per_layer
+        return slice(start, start + self.attn_readers_per_layer)
+
+    def mlp_reader(self, layer: int) -> int:
+        if not self.has_mlp:
+            raise ValueError("this graph has no MLP readers")
+        return layer * self.readers_per_layer + self.attn_readers_per_layer
+
+    @property
+    def logits_reader(self) -> int:
+        return self.n_readers - 1
+
+    # ---- names ---------------------------------------------------------------------------------
+    @cached_property
+    def writer_names(self) -> list[str]:
+        names = ["input"]
+        for l in range(self.n_layers):
+            names += [f"a{l}.h{h}" for h in range(self.n_heads)]
+            if self.has_mlp:
+                names.append(f"m{l}")
+        return names
+
+    @cached_property
+    def reader_names(self) -> list[str]:
+        kv = "g" if self.grouped else "h"
+        names = []
+        for l in range(self.n_layers):
+            names += [f"a{l}.h{h}<q>" for h in range(self.n_heads)]
+            names += [f"a{l}.{kv}{g}<k>" for g in range(self.kv_heads)]
+            names += [f"a{l}.{kv}{g}<v>" for g in range(self.kv_heads)]
+            if self.has_mlp:
+                names.append(f"m{l}")
+        names.append("logits")
+        return names
+
+    @cached_property
+    def writer_index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.writer_names)}
+
+    @cached_property
+    def reader_index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.reader_names)}
+
+    # ---- edges ---------------------------------------------------------------------------------
+    @cached_property
+    def _reader_visible(self) -> torch.Tensor:
+        """For each reader, how many writers (a prefix of the writer order) it reads."""
+        vis = torch.empty(self.n_readers, dtype=torch.long)
+        for l in range(self.n_layers):
+            vis[self.attn_readers(l)] = self.writers_before_attn(l)
+            if self.has_mlp:
+                vis[self.mlp_reader(l)] = self.writers_before_mlp(l)
+        vis[self.logits_reader] = self.n_writers
+        return vis
+
+    @cached_property
+    def valid(self) -> torch.Tensor:
+        """Boolean [writers, readers]: True where the edge exists."""
+        return torch.arange(self.n_writers)[:, None] < self._reader_visible[None, :]
+
+    @cached_property
+    def n_edges(self) -> int:
+        return int(self._reader_visible.sum())
+
+    @cached_property
+    def edge_index(self) -> torch.Tensor:
+        """[n_edges, 2] (writer, reader) pairs in writer-major order."""
+        return self.valid.nonzero()
+
+    def edge_name(self, writer: int, reader: int) -> str:
+        return f"{self.writer_names[writer]}->{self.reader_names[reader]}"
+
+    @cached_property
+    def edge_names(self) -> list[str]:
+        w, r = self.writer_names, self.reader_names
+        return [f"{w[i]}->{r[j]}" for i, j in self.edge_index.tolist()]
+
+    def parse_edge(self, name: str) -> tuple[int, int]:
+        """``"a3.h2->a5.h1<q>"`` -> (writer index, reader index); ValueError if unknown/invalid."""
+        try:
+            src, dst = name.split("->")
+            i, j = self.writer_index[src.strip()], self.reader_index[dst.strip()]
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown edge {name!r} for this graph") from None
+        if not self.valid[i, j]:
+            raise ValueError(f"edge {name!r} goes backwards in the forward pass")
+        return i, j
+
+    def full_mask(self, dtype=torch.float32) -> torch.Tensor:
+        return self.valid.to(dtype)
+
+    def summary(self) -> dict:
+        return {
+            "layers": self.n_layers,
+            "heads": self.n_heads,
+            "kv_heads": self.kv_heads,
+            "writers": self.n_writers,
+            "readers": self.n_readers,
+            "edges": self.n_edges,
+        }

@@ -1,0 +1,179 @@
+"""Model specs -> a loaded model with its adapter and edge graph.
+
+Specs:
+- ``random:gpt2-small`` / ``random:gpt2-tiny`` / ``random:llama-tiny``: seeded random weights of a
+  named shape, for tests and speed benchmarks (they use the SmolLM2 tokenizer when one is needed);
+- ``smollm2-135m``: the real SmolLM2-135M-Instruct, embedded offline (see `smollm2`);
+- ``tracr:xproportion`` / ``tracr:reverse``: compiled Tracr programs (see `circuitbench.tracr`);
+- a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2 or Llama families.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..graph import Graph
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# name -> (family, config kwargs). Tiny shapes keep tests fast; gpt2-small matches GPT-2 small.
+RANDOM_SHAPES = {
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_head=4, n_embd=64, vocab_size=49152, n_positions=256,
+                               bos_token_id=0, eos_token_id=0,
+                               initializer_range=0.1)),
+    "llama-tiny": ("llama", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 hidden_size=64, intermediate_size=128, vocab_size=49152,
+                                 max_position_embeddings=256, tie_word_embeddings=False,
+                                 initializer_range=0.1)),
+}
+EMBEDDED = ("smollm2-135m",)
+TRACR_PROGRAMS = ("xproportion", "reverse")
+SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: its adapter, graph, tokenizer and (if any) transformers model."""
+
+    spec: str
+    adapter: Any
+    hf_model: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    _tokenizer: Any = None
+    _tokenizer_loader: Any = None
+
+    @property
+    def graph(self) -> Graph:
+        return self.adapter.graph
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
+        return self._tokenizer
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "family": self.family, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), **self.graph.summary()}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(set(DTYPES)))}") from None
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def _adapter_for(hf_model):
+    mt = getattr(hf_model.config, "model_type", None)
+    family = SUPPORTED_TYPES.get(mt)
+    if family == "gpt2":
+        from ..adapters.gpt2 import GPT2Adapter
+        return GPT2Adapter(hf_model)
+    if family == "llama":
+        from ..adapters.llama import LlamaAdapter
+        return LlamaAdapter(hf_model)
+    raise UserError(f"unsupported architecture {mt!r}: circuitbench supports "
+                    f"{', '.join(sorted(SUPPORTED_TYPES))} models")
+
+
+def _freeze(hf_model, device, dtype):
+    hf_model.to(device=device, dtype=dtype)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    return hf_model
+
+
+def _smollm2_tokenizer():
+    from .smollm2 import load_smollm2_tokenizer
+    return load_smollm2_tokenizer()
+
+
+def _random_model(name, seed, device, dtype):
+    if name not in RANDOM_SHAPES:
+        raise UserError(f"unknown random model {name!r}; choose one of "
+                        f"{', '.join('random:' + n for n in RANDOM_SHAPES)}")
+    family, kwargs = RANDOM_SHAPES[name]
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if family == "gpt2":
+            hf = GPT2LMHeadModel(GPT2Config(**kwargs))
+        else:
+            hf = LlamaForCausalLM(LlamaConfig(**kwargs))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return _freeze(hf, device, dtype)
+
+
+def _hub_model(spec, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
+    if looks_local and not os.path.isdir(os.path.expanduser(spec)):
+        raise UserError(f"model folder {spec!r} does not exist")
+    path = os.path.expanduser(spec) if os.path.isdir(os.path.expanduser(spec)) else spec
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError/ValueError/HTTP errors for unknown ids
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
+                        f"({', '.join(EMBEDDED)}), and transformers could not load it ({first})") from None
+    if SUPPORTED_TYPES.get(config.model_type) is None:
+        raise UserError(f"unsupported architecture {config.model_type!r} for {spec!r}: circuitbench "
+                        f"supports {', '.join(sorted(SUPPORTED_TYPES))} models")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return _freeze(hf, device, dtype), (lambda: AutoTokenizer.from_pretrained(path))
+
+
+def load_model(spec: str, device=None, dtype=None, seed: int = 0) -> LoadedModel:
+    """Load a model spec (see the module docstring). Bad specs raise `UserError`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("model spec must be a non-empty string")
+    spec = spec.strip()
+    device = resolve_device(device if device is not None else "cpu")
+    dtype = resolve_dtype(dtype)
+    if spec.startswith("random:"):
+        hf = _random_model(spec.split(":", 1)[1], seed, device, dtype)
+        return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=_smollm2_tokenizer)
+    if spec.startswith("tracr:"):
+        name = spec.split(":", 1)[1]
+        if name not in TRACR_PROGRAMS:
+            raise UserError(f"unknown Tracr program {name!r}; choose one of "
+                            f"{', '.join('tracr:' + n for n in TRACR_PROGRAMS)}")
+        from ..tracr import load_tracr
+        adapter, tokenizer = load_tracr(name, device=device, dtype=dtype)
+        return LoadedModel(spec, adapter, None, device, dtype, _tokenizer=tokenizer)
+    if spec in EMBEDDED:
+        from .smollm2 import load_smollm2
+        hf, tok = load_smollm2(device=device, dtype=dtype)
+        return LoadedModel(spec, _adapter_for(_freeze(hf, device, dtype)), hf, device, dtype, _tokenizer=tok)
+    hf, tok_loader = _hub_model(spec, device, dtype)
+    return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=tok_loader)
