@@ -112,8 +112,10 @@ def _freeze(hf_model, device, dtype):
 
 
 def _smollm2_tokenizer():
-    from .smollm2 import load_smollm2_tokenizer
-    return load_smollm2_tokenizer()
+    from transformers import AutoTokenizer
+
+    from .smollm2 import ensure_converted
+    return AutoTokenizer.from_pretrained(str(ensure_converted()))
 
 
 def _random_model(name, seed, device, dtype):
