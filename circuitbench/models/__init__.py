@@ -143,7 +143,15 @@ def _hub_model(spec, device, dtype):
         raise UserError(f"model folder {spec!r} does not exist")
     path = os.path.expanduser(spec) if os.path.isdir(os.path.expanduser(spec)) else spec
     try:
-        config = AutoConfig.from_pretrained(path)
+        try:  # the local cache first: no network round trips for models already downloaded
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except OSError:
+            if path == spec and not _hub_reachable():
+                raise UserError(f"model {spec!r} is not a local folder, not an embedded or random/tracr "
+                                f"spec, not in the Hugging Face cache, and the hub cannot be reached") from None
+            config = AutoConfig.from_pretrained(path)
+    except UserError:
+        raise
     except Exception as err:  # transformers raises OSError/ValueError/HTTP errors for unknown ids
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
@@ -153,6 +161,20 @@ def _hub_model(spec, device, dtype):
                         f"supports {', '.join(sorted(SUPPORTED_TYPES))} models")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return _freeze(hf, device, dtype), (lambda: AutoTokenizer.from_pretrained(path))
+
+
+def _hub_reachable(timeout=3.0) -> bool:
+    """Whether the Hugging Face endpoint resolves and accepts a connection (fails fast offline,
+    instead of the hub client's minute of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_model(spec: str, device=None, dtype=None, seed: int = 0) -> LoadedModel:

@@ -1,0 +1,162 @@
+"""Engine benchmarks: the masked pass against the plain model on the same batch.
+
+Reported as ratios measured in one run, so they compare across machines:
+
+- ``masked_over_plain``: masked forward+backward (gradients to the edge and node masks only,
+  weights frozen, corrupted activations cached, KL at the last position) over the plain model's
+  forward+backward (a language-modelling step: logits at every position, gradients to the weights);
+- ``masked_over_plain_frozen``: the same masked step over a plain forward+backward with frozen
+  weights (gradient to the input embeddings only), the strictest baseline;
+- ``masked_with_corrupted_over_plain``: the masked step including the corrupted pass;
+- ``*_peak_mib`` and ``memory_masked_over_plain``: peak resident memory of each step above the
+  loaded model, each measured in a fresh process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODES = ("plain", "plain_frozen", "masked", "masked_with_corrupted")
+
+
+def _setup(spec, batch, seq, seed=0):
+    from .engine import MaskedModel
+    from .models import load_model
+
+    model = load_model(spec, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.hf_model.config.vocab_size
+    clean = torch.randint(0, vocab, (batch, seq), generator=gen)
+    corrupted = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return model, MaskedModel(model), clean, corrupted
+
+
+def _step_fn(mode, model, mm, clean, corrupted):
+    """A zero-argument callable doing one step of ``mode``."""
+    g = model.graph
+    hf = model.hf_model
+    if mode == "plain":
+        hf.requires_grad_(True)
+
+        def step():
+            hf.zero_grad(set_to_none=True)
+            logits = hf(clean).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), clean[:, 1:].flatten())
+            loss.backward()
+        return step
+    if mode == "plain_frozen":
+        hf.requires_grad_(False)
+        emb = hf.get_input_embeddings()
+
+        def step():
+            x = emb(clean).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=x).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), clean[:, 1:].flatten())
+            loss.backward()
+        return step
+    hf.requires_grad_(False)
+    positions = torch.full((clean.shape[0],), clean.shape[1] - 1)
+    edge = torch.full((g.n_writers, g.n_readers), 0.9, requires_grad=True)
+    node = torch.full((g.n_writers,), 0.95, requires_grad=True)
+    ref = mm.reference(clean, positions=positions).log_softmax(-1)
+    cache = mm.corrupted_cache(corrupted) if mode == "masked" else None
+
+    def step():
+        edge.grad = node.grad = None
+        c = cache if cache is not None else mm.corrupted_cache(corrupted)
+        out = mm(clean, edge_mask=edge, node_mask=node, positions=positions, corrupted=c)
+        loss = torch.nn.functional.kl_div(out.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+        loss.backward()
+    return step
+
+
+def time_modes(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, modes=MODES,
+               progress=True) -> dict:
+    """Median seconds per step of each mode, all measured in this process on the same batch."""
+    torch.set_num_threads(threads)
+    model, mm, clean, corrupted = _setup(spec, batch, seq)
+    times = {}
+    for mode in modes:
+        step = _step_fn(mode, model, mm, clean, corrupted)
+        step()  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+        times[mode] = statistics.median(samples)
+        if progress:
+            print(f"  {mode:<24} {times[mode] * 1e3:9.1f} ms/step (median of {repeats})", file=sys.stderr)
+    return times
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_mib(step) -> float:
+    """Peak resident memory growth of ``step()`` above the memory held before it (MiB).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux) so earlier peaks of
+    model loading do not hide the step's own.
+    """
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _peak_rss_mib(spec, batch, seq, threads, mode) -> float:
+    """Peak memory of one step of ``mode``, measured in a fresh process so allocator caches of
+    other modes do not interfere (MiB)."""
+    code = (
+        "import json,torch;"
+        "from circuitbench.bench import _setup,_step_fn,measure_peak_mib;"
+        f"torch.set_num_threads({threads});"
+        f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
+        f"s=_step_fn({mode!r},m,mm,c,x);"
+        "print(json.dumps(measure_peak_mib(s)))"
+    )
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
+                     progress=True) -> dict:
+    t = time_modes(spec, batch, seq, threads, repeats, progress=progress)
+    result = {
+        "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats,
+        "device": "cpu", "torch": torch.__version__,
+        "plain_s": t["plain"], "plain_frozen_s": t["plain_frozen"], "masked_s": t["masked"],
+        "masked_with_corrupted_s": t["masked_with_corrupted"],
+        "masked_over_plain": t["masked"] / t["plain"],
+        "masked_over_plain_frozen": t["masked"] / t["plain_frozen"],
+        "masked_with_corrupted_over_plain": t["masked_with_corrupted"] / t["plain"],
+    }
+    if memory:
+        for mode in ("plain", "masked"):
+            result[f"{mode}_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, mode)
+            if progress:
+                print(f"  {mode:<24} {result[f'{mode}_peak_mib']:9.1f} MiB peak above the loaded model",
+                      file=sys.stderr)
+        result["memory_masked_over_plain"] = result["masked_peak_mib"] / max(result["plain_peak_mib"], 1e-9)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(engine_benchmark()))

@@ -1,0 +1,37 @@
+"""`circuitbench bench engine [--json]`: speed and memory ratios of the engine against the plain model."""
+from __future__ import annotations
+
+import json
+
+from ..errors import UserError
+
+TARGETS = {"engine": "engine_benchmark"}
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmarks reported as ratios measured in one run")
+    p.add_argument("target", choices=sorted(TARGETS), help="what to benchmark")
+    p.add_argument("--model", default="random:gpt2-small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import bench
+
+    if min(args.batch, args.seq, args.threads, args.repeats) < 1:
+        raise UserError("--batch, --seq, --threads and --repeats must be positive")
+    fn = getattr(bench, TARGETS[args.target])
+    result = fn(args.model, args.batch, args.seq, args.threads, args.repeats,
+                memory=not args.no_memory, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<34} {v:.4g}" if isinstance(v, float) else f"{k:<34} {v}")
+    return 0
