@@ -1,0 +1,259 @@
+"""The CircuitMethod contract: how a circuit discovery method plugs into the harness.
+
+A method is a `CircuitMethod` subclass with a dataclass of hyperparameters (``Config``), named
+presets of that dataclass (at least ``paper``, ``quick`` and ``smoke``; a preset changes budgets,
+never the algorithm) and one entry point, ``discover``. It returns a `MethodResult`: either edge
+scores (a ranking the harness cuts at any sparsity: ``produces = "scores"``) or one circuit per
+requested sparsity (``produces = "circuits"``), plus what it spent (`Cost`).
+
+Methods are found by name through a registry. Built-in ones live in the top-level ``methods``
+package and, like any third-party method, are declared in the entry-point group
+``circuitbench.methods`` (``ep = "methods.edge_pruning:EdgePruning"``); circuitbench itself never
+imports a method module by name. ``@register_method`` registers a class directly.
+
+Hyperparameters resolve in this order: the Config defaults, the preset, the preset's per-task
+entries (a ``per_task`` field of the Config, ``{task name: {field: value}}``, e.g. the Edge Pruning
+paper's node target per task), and last the caller's explicit overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .circuit import Circuit
+from .errors import UserError
+
+ENTRY_POINT_GROUP = "circuitbench.methods"
+
+
+@dataclass
+class Cost:
+    """What a method spent: wall time per phase, passes over a batch, peak memory."""
+
+    wall_s: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0  # masked or plain forward passes over one batch
+    backward_passes: int = 0
+    peak_memory_mib: float | None = None  # CUDA: max allocated; CPU: peak RSS growth; None: not measurable
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.wall_s.values())
+
+    def to_dict(self) -> dict:
+        return {"wall_s": dict(self.wall_s), "total_s": self.total_s, "forward_passes": self.forward_passes,
+                "backward_passes": self.backward_passes, "peak_memory_mib": self.peak_memory_mib}
+
+
+@dataclass
+class MethodResult:
+    """A method's output: ``scores`` [W, R] (larger |score| = more important; entries outside
+    ``graph.valid`` are ignored) and/or ``circuits`` (target sparsity -> circuit)."""
+
+    scores: torch.Tensor | None = None
+    circuits: dict[float, Circuit] | None = None
+    cost: Cost = field(default_factory=Cost)
+    log: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # method-specific facts worth storing (realised sparsities, ...)
+
+
+class CircuitMethod(ABC):
+    """A circuit discovery method. ``cls(config=None, preset=None, **overrides)``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type]
+    presets: ClassVar[dict[str, dict]] = {}
+    produces: ClassVar[str]  # "scores" or "circuits"
+
+    def __init__(self, config=None, preset: str | None = None, **overrides):
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        if config is not None and not isinstance(config, self.Config):
+            raise TypeError(f"config must be a {self.Config.__name__}, got {type(config).__name__}")
+        if preset is not None and preset not in self.presets:
+            raise UserError(f"method {self.name!r} has no preset {preset!r}; presets: {', '.join(self.presets)}")
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise UserError(f"unknown {self.name} hyperparameter(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(fields))}")
+        base = config if config is not None else self.Config()
+        values = dict(self.presets[preset]) if preset is not None else {}
+        values.update(overrides)
+        self.preset = preset
+        self.overrides = dict(overrides)
+        self.config = dataclasses.replace(base, **values)
+
+    def config_for(self, task) -> object:
+        """The Config with the ``per_task`` entries for ``task`` applied (explicit overrides win)."""
+        per_task = getattr(self.config, "per_task", None) or {}
+        entry = {k: v for k, v in per_task.get(getattr(task, "name", None), {}).items() if k not in self.overrides}
+        return dataclasses.replace(self.config, **entry) if entry else self.config
+
+    @abstractmethod
+    def discover(self, engine, task, train, validation, sparsities: list[float], seed: int = 0,
+                 progress: bool = True) -> MethodResult:
+        """Find the circuit(s) for ``task`` on ``train`` with ``engine`` (a `MaskedModel`)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} preset={self.preset!r}>"
+
+
+# ---- the registry -------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[CircuitMethod]] = {}
+_entry_points_loaded = False
+
+
+def register_method(cls):
+    """Class decorator: register a `CircuitMethod` subclass under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, CircuitMethod)):
+        raise TypeError(f"{cls!r} is not a CircuitMethod subclass")
+    for attr in ("name", "description", "Config", "produces"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"method class {cls.__name__} lacks {attr!r}")
+    if cls.produces not in ("scores", "circuits"):
+        raise TypeError(f"{cls.__name__}.produces must be 'scores' or 'circuits', got {cls.produces!r}")
+    missing = {"paper", "quick", "smoke"} - set(cls.presets)
+    if missing:
+        raise TypeError(f"{cls.__name__} lacks preset(s) {', '.join(sorted(missing))}")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method {cls.name!r} registered twice ({other.__qualname__}, {cls.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as err:  # a broken plug-in must say which one it is
+            raise RuntimeError(f"cannot load circuit method {ep.name!r} ({ep.value}): {err}") from err
+        if not (isinstance(cls, type) and issubclass(cls, CircuitMethod)):
+            raise RuntimeError(f"entry point {ep.name!r} ({ep.value}) is not a CircuitMethod subclass")
+        if ep.name != cls.name:
+            raise RuntimeError(f"entry point {ep.name!r} names a method called {cls.name!r}")
+        register_method(cls)
+
+
+def list_methods() -> dict[str, type[CircuitMethod]]:
+    """Every registered method by name (entry points included), sorted by name."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type[CircuitMethod]:
+    """The method class called ``name``; UserError listing the known names otherwise."""
+    methods = list_methods()
+    if name not in methods:
+        known = ", ".join(methods) or "none (is the package installed? pip install -e .)"
+        raise UserError(f"unknown method {name!r}; known methods: {known}")
+    return methods[name]
+
+
+# ---- turning results into circuits --------------------------------------------------------------------
+def circuits_at(result: MethodResult, graph, sparsities) -> dict[float, Circuit]:
+    """Circuits at ``sparsities``: the method's own circuit where it made one for that target,
+    otherwise the top edges of its scores (``Circuit.from_sparsity``)."""
+    out = {}
+    own = result.circuits or {}
+    for s in sparsities:
+        s = float(s)
+        match = next((k for k in own if math.isclose(float(k), s, abs_tol=1e-9)), None)
+        if match is not None:
+            out[s] = own[match]
+        elif result.scores is not None:
+            out[s] = Circuit.from_sparsity(graph, result.scores, s, meta={"cut_from": "scores"})
+        else:
+            raise UserError(f"the method made no circuit at sparsity {s} and gave no scores to cut one from")
+    return out
+
+
+# ---- measuring cost -----------------------------------------------------------------------------------
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class CostMeter:
+    """Collects a `Cost` while a method runs.
+
+    ``with meter.phase("train"): ...`` adds the wall time of a phase (device work is synchronised
+    first on CUDA); ``meter.forward(n)``/``meter.backward(n)`` count passes; ``meter.finish()``
+    returns the Cost with the peak memory since the meter was made (CUDA: peak allocated bytes;
+    CPU on Linux: peak resident memory growth, the kernel's high-water mark being reset at start;
+    elsewhere: None).
+    """
+
+    def __init__(self, device=None):
+        self.cost = Cost()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = None
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                self._base = _rss_kib("VmRSS")
+            except OSError:
+                self._base = None
+
+    def _sync(self):
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.cost.wall_s[name] = self.cost.wall_s.get(name, 0.0) + time.perf_counter() - t0
+
+    def forward(self, n: int = 1):
+        self.cost.forward_passes += n
+
+    def backward(self, n: int = 1):
+        self.cost.backward_passes += n
+
+    def finish(self) -> Cost:
+        if self._cuda:
+            self.cost.peak_memory_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._base is not None:
+            hwm = _rss_kib("VmHWM")
+            self.cost.peak_memory_mib = None if hwm is None else max(hwm - self._base, 0) / 1024
+        return self.cost
+
+
+def seeded_generator(seed: int, device=None) -> torch.Generator:
+    """A torch generator seeded with ``seed`` on ``device`` (methods never use the global RNG)."""
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(int(seed))
+    return gen
+
+
+__all__ = ["ENTRY_POINT_GROUP", "CircuitMethod", "Cost", "CostMeter", "MethodResult", "circuits_at",
+           "get_method", "list_methods", "register_method", "seeded_generator"]
