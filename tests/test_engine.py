@@ -1,0 +1,265 @@
+"""The masked forward engine against the models' own forward passes.
+
+- all masks 1 = the Hugging Face model's logits; all masks 0 = the corrupted run's logits;
+- removing one edge = a hand-written activation patch of that one edge, done here with plain
+  forward hooks on the Hugging Face modules, for q, k, v, MLP and logits readers, both ablations;
+- gradients with respect to both masks match finite differences.
+"""
+import pytest
+import torch
+
+from circuitbench import MaskedModel, load_model
+
+SPECS = ["random:gpt2-tiny", "random:llama-tiny"]
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def model(request):
+    return load_model(request.param)
+
+
+def _batch(seed=0, B=3, S=7, vocab=1000):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, S), generator=g), torch.randint(0, vocab, (B, S), generator=g)
+
+
+def test_all_ones_reproduce_model(model):
+    clean, corrupted = _batch()
+    mm = MaskedModel(model)
+    want = model.hf_model(clean).logits
+    got = mm(clean, corrupted)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (mm.reference(clean) - want).abs().max().item() <= 1e-4
+
+
+def test_all_zeros_reproduce_corrupted_run(model):
+    clean, corrupted = _batch()
+    g = model.graph
+    got = MaskedModel(model)(clean, corrupted, edge_mask=torch.zeros(g.n_writers, g.n_readers))
+    assert (got - model.hf_model(corrupted).logits).abs().max().item() <= 1e-4
+
+
+def test_node_mask_zero_everywhere_is_corrupted_run(model):
+    clean, corrupted = _batch(1)
+    got = MaskedModel(model)(clean, corrupted, node_mask=torch.zeros(model.graph.n_writers))
+    assert (got - model.hf_model(corrupted).logits).abs().max().item() <= 1e-4
+
+
+def test_positions_and_cache(model):
+    clean, corrupted = _batch(2)
+    mm = MaskedModel(model)
+    full = model.hf_model(clean).logits
+    pos = torch.tensor([[6, 0], [3, 5], [2, 2]])
+    cache = mm.corrupted_cache(corrupted)
+    got = mm(clean, positions=pos, corrupted=cache)
+    assert got.shape == (3, 2, full.shape[-1])
+    want = full[torch.arange(3)[:, None], pos]
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_padding_does_not_change_real_positions(model):
+    """Right padding to the batch's longest example leaves every real position unchanged."""
+    clean, corrupted = _batch(3, B=2, S=6)
+    mm = MaskedModel(model)
+    alone = mm(clean[:1, :4], corrupted[:1, :4])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    padded = mm(clean, corrupted, attention_mask=mask)
+    assert (padded[:1, :4] - alone).abs().max().item() <= 1e-4
+
+
+# ---- hand-written activation patching with forward hooks ---------------------------------------
+
+class _Patcher:
+    """Activation patching of one edge writer -> reader on the Hugging Face model with hooks.
+
+    delta = (writer's clean output) - (writer's ablated output); the patched reader reads
+    (its clean input - delta); everything downstream recomputes from there.
+    """
+
+    def __init__(self, model):
+        self.model, self.hf = model, model.hf_model
+        self.family = model.family
+
+    def _blocks(self):
+        return self.hf.transformer.h if self.family == "gpt2" else self.hf.model.layers
+
+    def writer_outputs(self, ids):
+        """Every writer's output in a plain run: input embedding, per-head outputs, MLP outputs."""
+        outs, hooks = {}, []
+        H = self.model.graph.n_heads
+        for l, blk in enumerate(self._blocks()):
+            if self.family == "gpt2":
+                o_proj, mlp = blk.attn.c_proj, blk.mlp
+
+                def per_head(z, W=o_proj.weight):  # Conv1D: z @ W, W [in, out]
+                    dh = z.shape[-1] // H
+                    return [z[..., h * dh:(h + 1) * dh] @ W[h * dh:(h + 1) * dh] for h in range(H)]
+            else:
+                o_proj, mlp = blk.self_attn.o_proj, blk.mlp
+
+                def per_head(z, W=o_proj.weight):  # Linear: z @ W.T, W [out, in]
+                    dh = z.shape[-1] // H
+                    return [z[..., h * dh:(h + 1) * dh] @ W[:, h * dh:(h + 1) * dh].T for h in range(H)]
+
+            def pre(mod, args, l=l, f=per_head):
+                for h, y in enumerate(f(args[0])):
+                    outs[f"a{l}.h{h}"] = y.detach()
+            hooks.append(o_proj.register_forward_pre_hook(pre))
+            hooks.append(mlp.register_forward_hook(lambda mod, a, out, l=l: outs.__setitem__(f"m{l}", out.detach())))
+        try:
+            with torch.no_grad():
+                if self.family == "gpt2":
+                    tr = self.hf.transformer
+                    outs["input"] = (tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))[None]).detach()
+                else:
+                    outs["input"] = self.hf.model.embed_tokens(ids).detach()
+                self.hf(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        return outs
+
+    def patched_logits(self, ids, reader, delta):
+        """Logits of a run where only ``reader`` reads (its input - delta)."""
+        hooks = []
+        kind = reader[reader.index("<") + 1:-1] if "<" in reader else None
+        try:
+            if reader == "logits":
+                norm = self.hf.transformer.ln_f if self.family == "gpt2" else self.hf.model.norm
+                hooks.append(norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,) + a[1:]))
+            elif kind is None:  # MLP reader m{l}
+                l = int(reader[1:])
+                blk = self._blocks()[l]
+                norm = blk.ln_2 if self.family == "gpt2" else blk.post_attention_layernorm
+                hooks.append(norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,) + a[1:]))
+            else:
+                layer, unit = reader.split("<")[0].split(".")
+                l, idx = int(layer[1:]), int(unit[1:])
+                blk = self._blocks()[l]
+                g = self.model.graph
+                dh = self.model.adapter.head_dim
+                resid = {}
+                if self.family == "gpt2":
+                    blk_norm, proj = blk.ln_1, blk.attn.c_attn
+                    offset = {"q": 0, "k": 1, "v": 2}[kind] * g.n_heads * dh
+                    project = lambda x: x @ proj.weight + proj.bias  # Conv1D
+                else:
+                    blk_norm = blk.input_layernorm
+                    proj = {"q": blk.self_attn.q_proj, "k": blk.self_attn.k_proj, "v": blk.self_attn.v_proj}[kind]
+                    offset = 0
+                    project = lambda x: torch.nn.functional.linear(x, proj.weight, proj.bias)
+                cols = slice(offset + idx * dh, offset + (idx + 1) * dh)
+                hooks.append(blk_norm.register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0])))
+
+                def replace(mod, args, out):
+                    out = out.clone()
+                    out[..., cols] = project(blk_norm(resid["x"] - delta))[..., cols]
+                    return out
+                hooks.append(proj.register_forward_hook(replace))
+            with torch.no_grad():
+                return self.hf(ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def _readers_to_test(g):
+    kv = "g" if g.grouped else "h"
+    last = g.n_layers - 1
+    return [f"a{last}.h1<q>", f"a{last}.{kv}1<k>", f"a{last}.{kv}0<v>", f"m{last}", "logits"]
+
+
+@pytest.mark.parametrize("ablation", ["interchange", "zero"])
+def test_one_edge_removed_equals_activation_patch(model, ablation):
+    g = model.graph
+    clean, corrupted = _batch(4)
+    mm = MaskedModel(model)
+    patcher = _Patcher(model)
+    clean_out = patcher.writer_outputs(clean)
+    corr_out = patcher.writer_outputs(corrupted)
+    for reader in _readers_to_test(g):
+        for writer in ["input", "a0.h2", "m0"]:
+            w, r = g.parse_edge(f"{writer}->{reader}")
+            delta = clean_out[writer] - (corr_out[writer] if ablation == "interchange" else 0)
+            want = patcher.patched_logits(clean, reader, delta)
+            mask = g.full_mask()
+            mask[w, r] = 0
+            got = mm(clean, corrupted, edge_mask=mask, ablation=ablation)
+            # the patch must matter, or the comparison proves nothing
+            assert (want - model.hf_model(clean).logits).abs().max() > 1e-3, (writer, reader)
+            assert (got - want).abs().max().item() <= 1e-4, (writer, reader, ablation)
+
+
+def test_zero_ablation_all_masks_zero_is_bias_only(model):
+    """Under zero ablation with every mask 0 each reader sees only the constant output biases."""
+    g = model.graph
+    clean, _ = _batch(5)
+    got = MaskedModel(model)(clean, edge_mask=torch.zeros(g.n_writers, g.n_readers), ablation="zero")
+    hf = model.hf_model
+    if model.family == "gpt2":
+        bias = sum(blk.attn.c_proj.bias for blk in hf.transformer.h)
+        want = hf.lm_head(hf.transformer.ln_f(bias))
+    else:  # no output biases: the final norm sees zeros
+        want = hf.lm_head(hf.model.norm(torch.zeros(hf.config.hidden_size)))
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+
+def test_mask_gradients_match_finite_differences():
+    model = load_model("random:gpt2-tiny", dtype="float64")
+    g = model.graph
+    clean, corrupted = _batch(6, B=2, S=5)
+    mm = MaskedModel(model)
+    cache = mm.corrupted_cache(corrupted)
+    gen = torch.Generator().manual_seed(0)
+    edge0 = torch.rand(g.n_writers, g.n_readers, generator=gen, dtype=torch.float64)
+    node0 = torch.rand(g.n_writers, generator=gen, dtype=torch.float64)
+    pos = torch.tensor([4, 2])
+
+    def loss(edge, node):
+        return mm(clean, edge_mask=edge, node_mask=node, positions=pos, corrupted=cache).log_softmax(-1)[..., :50].sum()
+
+    edge = edge0.clone().requires_grad_(True)
+    node = node0.clone().requires_grad_(True)
+    loss(edge, node).backward()
+    assert torch.isfinite(edge.grad).all() and torch.isfinite(node.grad).all()
+    assert (edge.grad[~g.valid] == 0).all()
+    eps = 1e-6
+    valid = g.edge_index
+    picks = valid[torch.randperm(len(valid), generator=gen)[:25]].tolist()
+    for i, j in picks:
+        up, down = edge0.clone(), edge0.clone()
+        up[i, j] += eps
+        down[i, j] -= eps
+        fd = (loss(up, node0) - loss(down, node0)) / (2 * eps)
+        assert abs(fd.item() - edge.grad[i, j].item()) <= 1e-5 * max(1.0, abs(fd.item())), (i, j)
+    for i in range(g.n_writers):
+        up, down = node0.clone(), node0.clone()
+        up[i] += eps
+        down[i] -= eps
+        fd = (loss(edge0, up) - loss(edge0, down)) / (2 * eps)
+        assert abs(fd.item() - node.grad[i].item()) <= 1e-5 * max(1.0, abs(fd.item())), i
+
+
+def test_gradients_flow_under_llama_and_zero_ablation():
+    model = load_model("random:llama-tiny")
+    g = model.graph
+    clean, _ = _batch(7)
+    edge = torch.full((g.n_writers, g.n_readers), 0.5, requires_grad=True)
+    out = MaskedModel(model)(clean, edge_mask=edge, positions=torch.tensor([6, 6, 6]), ablation="zero")
+    out.logsumexp(-1).sum().backward()
+    assert torch.isfinite(edge.grad).all() and edge.grad[g.valid].abs().sum() > 0
+
+
+def test_bad_masks_and_ablation_are_user_errors(model):
+    from circuitbench import UserError
+    clean, corrupted = _batch()
+    mm = MaskedModel(model)
+    with pytest.raises(UserError, match="edge_mask"):
+        mm(clean, corrupted, edge_mask=torch.ones(2, 2))
+    with pytest.raises(UserError, match="ablation"):
+        mm(clean, corrupted, ablation="mean-ish")
+    with pytest.raises(UserError, match="corrupted"):
+        mm(clean)
