@@ -18,7 +18,7 @@ import torch
 from ..errors import UserError
 from ..graph import Graph
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 # name -> (family, config kwargs). Tiny shapes keep tests fast; gpt2-small matches GPT-2 small.
