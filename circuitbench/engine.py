@@ -219,10 +219,25 @@ class MaskedModel(torch.nn.Module):
 
     # ---- the masked pass -----------------------------------------------------------------------------
     def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
-                node_mask=None, positions=None, ablation="interchange", corrupted=None):
+                node_mask=None, positions=None, ablation="interchange", corrupted=None,
+                start_slot=0, stack=None):
+        """The masked pass; see the class docstring.
+
+        Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
+        writer stack D. The pass reads the rows of the writers computed before read slot
+        ``start_slot`` (the `CorruptedCache` slot numbering: 2l = layer l's attention readers, 2l+1
+        = its MLP reader, 2L = the logits) as given, and overwrites every later row in place, so
+        after the call ``stack`` holds this pass's writer stack; a later pass whose masks differ
+        only in readers at or after some slot can restart there with the same ``stack``. Passing
+        ``stack`` with ``start_slot=0`` computes everything and fills it.
+        """
         a, g = self.adapter, self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
         B, S = ids.shape
+        if not 0 <= start_slot <= 2 * self._L:
+            raise ValueError(f"start_slot must lie in [0, {2 * self._L}], got {start_slot}")
+        if start_slot and stack is None:
+            raise ValueError("a pass that starts after the embeddings needs the writer stack (stack=)")
         if corrupted is None:
             corrupted = self.corrupted_cache(corrupted_ids, attention_mask, ablation, shape=(B, S))
         elif corrupted.shape != (B, S):
@@ -231,11 +246,16 @@ class MaskedModel(torch.nn.Module):
         rows, P = self._rows(positions, B, S)
 
         ctx = a.context(S, attention_mask, self.device)
-        emb = a.embed(ids).to(self.dtype)
-        d = emb.shape[-1]
+        d = self.adapter.d_model
         N = B * S * d
         ytil = corrupted.writers  # None: zero ablation
-        buf = emb.new_empty(g.n_writers, N)  # the writer stack D, filled writer by writer
+        if stack is None:
+            buf = torch.empty(g.n_writers, N, device=self.device, dtype=self.dtype)  # the writer stack D
+        elif tuple(stack.shape) != (g.n_writers, N) or stack.dtype != self.dtype:
+            raise ValueError(f"stack must be {self.dtype} of shape {(g.n_writers, N)}, got "
+                             f"{stack.dtype} {tuple(stack.shape)}")
+        else:
+            buf = stack
         chunks = []
 
         def push(start, out):  # out: [n, N] writer outputs; store D = out - y~
@@ -248,18 +268,29 @@ class MaskedModel(torch.nn.Module):
             return _ReadMix.apply(mask[:n_writers, readers], base, buf[:n_writers], rows, d,
                                   *chunks)
 
-        push(0, emb.reshape(1, N))
-        for l in range(self._L):
-            rs = g.attn_readers(l)
-            x = read(g.writers_before_attn(l), rs, 2 * l).view(-1, B, S, d)
-            heads = a.attention(l, x, ctx, per_head=True)
-            push(g.head_writers(l).start, heads.reshape(self._H, N))
+        if start_slot == 0:
+            push(0, a.embed(ids).to(self.dtype).reshape(1, N))
+        else:  # the given prefix of the stack is one constant chunk (no gradient flows into it)
+            chunks.append(buf[:self._writers_before_slot(start_slot)])
+        for l in range(start_slot // 2, self._L):
+            if start_slot <= 2 * l:
+                rs = g.attn_readers(l)
+                x = read(g.writers_before_attn(l), rs, 2 * l).view(-1, B, S, d)
+                heads = a.attention(l, x, ctx, per_head=True)
+                push(g.head_writers(l).start, heads.reshape(self._H, N))
             mr = g.mlp_reader(l)
             x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
             push(g.mlp_writer(l), a.mlp(l, x).reshape(1, N))
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
         return a.unembed(final.view(B, P, d))
+
+    def _writers_before_slot(self, slot: int) -> int:
+        """Writers computed before read slot ``slot`` (2l: attention of layer l, 2l+1: its MLP)."""
+        g = self.graph
+        if slot == 2 * self._L:
+            return g.n_writers
+        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.writers_before_mlp(slot // 2)
 
     def _effective_mask(self, edge_mask, node_mask):
         g = self.graph
