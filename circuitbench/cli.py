@@ -16,6 +16,8 @@ from .errors import UserError
 COMMANDS = [
     "graph",
     "bench",
+    "tasks",
+    "evaluate",
 ]
 
 

@@ -62,7 +62,8 @@ def kl_divergence(full_logits: torch.Tensor, circuit_logits: torch.Tensor,
     log_p = F.log_softmax(restrict_logits(full_logits, restrict), dim=-1)
     log_q = F.log_softmax(restrict_logits(circuit_logits, restrict), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.mean(1)
+    # KL is never negative; float rounding on (near-)identical distributions can make it -1e-9.
+    return kl.clamp(min=0).mean(1)
 
 
 def logit_difference(logits: torch.Tensor, correct: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
@@ -91,21 +92,23 @@ def exact_match(full_logits: torch.Tensor, circuit_logits: torch.Tensor,
 
 
 def probability_difference(logits: torch.Tensor, answer_ids: torch.Tensor, threshold: torch.Tensor,
-                           window: int | None = None) -> torch.Tensor:
+                           window: int | torch.Tensor | None = None) -> torch.Tensor:
     """P(answer above threshold) − P(answer below threshold), over the renormalised answer set.
 
     ``answer_ids`` are the ordered answers (``answer_ids[k]`` is the token for value ``k``, e.g. the
     token "07" for k = 7); ``threshold`` ``[B]`` is each example's value (Greater-Than's YY).
     Without ``window``: Σ_{k>t} p_k − Σ_{k<t} p_k. With ``window = w``: Σ_{t<k≤t+w} p_k −
-    Σ_{t−w≤k<t} p_k (Greater-Than's "probability difference 10").
+    Σ_{t−w≤k<t} p_k (Greater-Than's "probability difference 10"); ``window`` may be one int or
+    one per example ``[B]``.
     """
     probs = F.softmax(restrict_logits(logits, answer_ids), dim=-1)  # [B, P, K]
     values = torch.arange(probs.shape[-1], device=probs.device)
     t = threshold.to(probs.device).long().view(-1, 1, 1)
     above, below = values > t, values < t
     if window is not None:
-        above = above & (values <= t + window)
-        below = below & (values >= t - window)
+        w = torch.as_tensor(window, device=probs.device).long().view(-1, 1, 1)
+        above = above & (values <= t + w)
+        below = below & (values >= t - w)
     diff = (probs * above).sum(-1) - (probs * below).sum(-1)
     return diff.mean(1)
 

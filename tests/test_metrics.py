@@ -108,3 +108,14 @@ def test_kendall_tau_matches_scipy():
     for row in range(5):
         ref = stats.kendalltau(x[row].numpy(), y[row].numpy()).statistic
         assert ours[row].item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_probability_difference_window_per_example():
+    logits = torch.zeros(2, 1, 5)  # uniform over 5 answers: each 0.2
+    answers = torch.arange(5)
+    t = torch.tensor([2, 2])
+    out = metrics.probability_difference(logits, answers, t, window=torch.tensor([1, 2]))
+    assert out.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    out = metrics.probability_difference(logits, answers, torch.tensor([1, 1]), window=torch.tensor([1, 3]))
+    # t=1, w=1: P(2) - P(0) = 0; w=3: P(2..4) - P(0) = 0.6 - 0.2
+    assert out.tolist() == pytest.approx([0.0, 0.4], abs=1e-6)

@@ -12,7 +12,7 @@ import pkgutil
 from typing import Callable
 
 from ..errors import UserError
-from .base import Examples, Splits, Task
+from .base import Examples, LazySplit, Splits, Task
 
 TASKS: dict[str, Callable[[], Task]] = {}
 
@@ -52,4 +52,4 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["TASKS", "Examples", "Splits", "Task", "get_task", "register_task", "task_names"]
+__all__ = ["TASKS", "Examples", "LazySplit", "Splits", "Task", "get_task", "register_task", "task_names"]

@@ -12,8 +12,8 @@ logits at the batch's scored positions (``Examples.positions``), nothing else.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -106,25 +106,108 @@ class Examples:
         )
 
 
-@dataclass
+class LazySplit:
+    """A split that is generated but not yet tokenized: its drawn ``items`` and a function
+    ``build(items) -> (examples, n_dropped)`` that renders and tokenizes a list of them (keeping
+    their order, dropping the ones that fail the tokenizer checks)."""
+
+    def __init__(self, items: list, build: Callable[[list], "tuple[Examples, int]"]):
+        self.items, self._build = items, build
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __call__(self) -> "tuple[Examples, int]":
+        return self._build(self.items)
+
+    def head(self, n: int) -> Examples:
+        """The first ``n`` examples of the built split, tokenizing only as many items as needed."""
+        m = min(n, len(self.items))
+        while True:
+            examples, _ = self._build(self.items[:m])
+            if len(examples) >= n or m == len(self.items):
+                return examples.select(slice(0, n))
+            m = min(len(self.items), 2 * m + 1)  # some items were dropped: take more
+
+
+SplitSource = Union[Examples, LazySplit, Callable[[], "tuple[Examples, int]"]]
+
+
 class Splits:
     """The three splits of a task built for one tokenizer.
 
-    ``dropped`` counts, per split, the generated examples the tokenizer checks rejected.
-    ``variant`` names the task variant that was built when a task has several (gt: "two-digit" or
-    "first-digit"; boolexpr: "codellama-inst" or "chat-template").
+    ``Splits(train, validation, test, dropped=None, variant=None, info=None)``; ``train``,
+    ``validation`` and ``test`` are `Examples`, or `LazySplit`s (or any zero-argument callables
+    returning ``(examples, n_dropped)``) that are built on first access, so a method that reads
+    only the training split never pays for tokenizing a 36,084-example test split.
+
+    ``dropped`` counts, per split, the generated examples the tokenizer checks rejected (reading it
+    builds every split). ``variant`` names the task variant that was built when a task has several
+    (gt: "two-digit" or "first-digit"; boolexpr: "codellama-inst" or "chat-template"). ``info``
+    holds facts about the build worth showing a user (how many names passed the single-token
+    check, ...).
     """
 
-    train: Examples
-    validation: Examples
-    test: Examples
-    dropped: dict[str, int] = field(default_factory=dict)
-    variant: str | None = None
+    names = ("train", "validation", "test")
+
+    def __init__(self, train: SplitSource, validation: SplitSource, test: SplitSource,
+                 dropped: dict[str, int] | None = None, variant: str | None = None,
+                 info: dict | None = None):
+        self._sources = {"train": train, "validation": validation, "test": test}
+        self._built: dict[str, Examples] = {}
+        self._dropped = dict(dropped or {})
+        self.variant = variant
+        self.info = dict(info or {})
+
+    def head(self, name: str, n: int) -> Examples:
+        """The first ``n`` examples of a split; a split not built yet is only tokenized that far."""
+        if name not in self.names:
+            raise ValueError(f"unknown split {name!r}: expected train, validation or test")
+        source = self._sources[name]
+        if name not in self._built and isinstance(source, LazySplit):
+            return source.head(n)
+        return self.split(name).select(slice(0, n))
 
     def split(self, name: str) -> Examples:
-        if name not in ("train", "validation", "test"):
+        """The split called ``name`` (train, validation or test), built on first use."""
+        if name not in self.names:
             raise ValueError(f"unknown split {name!r}: expected train, validation or test")
-        return getattr(self, name)
+        if name not in self._built:
+            source = self._sources[name]
+            if isinstance(source, Examples):
+                examples = source
+            else:
+                examples, n_dropped = source()
+                self._dropped[name] = self._dropped.get(name, 0) + int(n_dropped)
+            self._built[name] = examples
+            self._dropped.setdefault(name, 0)
+            self._sources[name] = examples  # release the builder and what it holds
+        return self._built[name]
+
+    @property
+    def train(self) -> Examples:
+        return self.split("train")
+
+    @property
+    def validation(self) -> Examples:
+        return self.split("validation")
+
+    @property
+    def test(self) -> Examples:
+        return self.split("test")
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        for name in self.names:
+            self.split(name)
+        return {name: self._dropped[name] for name in self.names}
+
+    def is_built(self, name: str) -> bool:
+        return name in self._built
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={len(self._built[n]) if n in self._built else '(not built)'}" for n in self.names]
+        return f"Splits({', '.join(parts)}, variant={self.variant!r})"
 
 
 class Task(ABC):
