@@ -14,8 +14,9 @@ y~ = 0. The attention output bias is a constant that rides along in the residual
 ablated.
 
 The writer stack is one preallocated buffer written once per writer; `_ReadMix` reads a prefix of
-it without copying and routes gradients back to the writers' outputs, so a layer costs one GEMM
-forward and two backward, with no growing concatenations.
+it without copying, and its gradient is accumulated in place in one buffer (`_StackGrad`), so a
+read point costs one GEMM forward and two backward, with no growing concatenations and no
+per-read gradient tensors.
 """
 from __future__ import annotations
 
@@ -28,24 +29,41 @@ from .errors import UserError
 ABLATIONS = ("interchange", "zero")
 
 
-class _ReadMix(torch.autograd.Function):
-    """out[r] = base + sum_w mask[w, r] * buf[w]  over rows (optionally gathered) of the writer stack.
+class _StackGrad:
+    """The gradient of the loss with respect to the writer stack D, accumulated in place.
 
-    ``buf`` holds the same numbers as ``torch.cat(chunks)``; it is read, never differentiated. The
-    chunks (writer outputs minus their ablated values) are passed only so autograd routes the
-    gradient ``mask @ grad`` back to them. ``rows`` (optional) picks token rows of a ``[W, T, d]``
-    view of the stack (the logits reader reads only the scored positions).
+    Every reader reads a prefix of D, so the gradient of a writer's rows is the sum of all later
+    readers' contributions. Backward visits the read points from last to first; each adds its
+    contribution into this one buffer (a fused ``addmm_``, no per-read gradient tensors for autograd
+    to sum), and the read point right after a writer hands that writer its finished rows.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+
+class _ReadMix(torch.autograd.Function):
+    """out[r] = base + sum_w mask[w, r] * buf[w] over the first ``mask.shape[0]`` writer rows.
+
+    ``buf`` is the writer stack D (read, never differentiated). ``latest`` is the output of the
+    writer(s) computed just before this read point, occupying the last ``latest.shape[0]`` rows of
+    the prefix (D = latest - y~ there); it is an input only so autograd routes the finished
+    gradient of those rows back to it. ``rows`` (optional) picks token rows of a ``[W, T, d]`` view
+    of the stack (the logits reader reads only the scored positions).
     """
 
     @staticmethod
-    def forward(ctx, mask, base, buf, rows, d, *chunks):
-        W = buf.shape[0]
-        src = buf if rows is None else buf.view(W, -1, d)[:, rows].reshape(W, -1)
+    def forward(ctx, mask, base, buf, rows, d, state, latest):
+        W = mask.shape[0]
+        src = buf[:W] if rows is None else buf[:W].view(W, -1, d)[:, rows].reshape(W, -1)
         out = torch.addmm(base.reshape(1, -1), mask.t(), src)
         ctx.save_for_backward(mask)
-        ctx.src, ctx.rows, ctx.d = src, rows, d
-        ctx.sizes = [c.shape[0] for c in chunks]
+        ctx.src, ctx.rows, ctx.d, ctx.state = src, rows, d, state
         ctx.full = buf.shape[1]
+        ctx.n_latest = 0 if latest is None else latest.shape[0]
+        ctx.latest_shape = None if latest is None else latest.shape
         return out
 
     @staticmethod
@@ -53,15 +71,20 @@ class _ReadMix(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         need = ctx.needs_input_grad
         gmask = ctx.src @ grad.t() if need[0] else None
-        gchunks = [None] * len(ctx.sizes)
-        if any(need[5:]):
-            g = mask @ grad  # [W, cols]
-            if ctx.rows is not None:
-                full = g.new_zeros(g.shape[0], ctx.full // ctx.d, ctx.d)
-                full.index_add_(1, ctx.rows, g.view(g.shape[0], -1, ctx.d))
-                g = full.view(g.shape[0], -1)
-            gchunks = [gc if n else None for gc, n in zip(g.split(ctx.sizes), need[5:])]
-        return (gmask, None, None, None, None, *gchunks)
+        glatest = None
+        if need[6]:
+            W, st = mask.shape[0], ctx.state
+            if ctx.rows is not None:  # only the scored tokens were read
+                g = mask @ grad
+                if st.grad is None:
+                    st.grad = g.new_zeros(W, ctx.full)
+                st.grad[:W].view(W, -1, ctx.d).index_add_(1, ctx.rows, g.view(W, -1, ctx.d))
+            elif st.grad is None:  # the last read point of the forward: it covers every writer
+                st.grad = mask @ grad
+            else:
+                st.grad[:W].addmm_(mask, grad)
+            glatest = st.grad[W - ctx.n_latest:W].view(ctx.latest_shape)
+        return gmask, None, None, None, None, None, glatest
 
 
 @dataclass
@@ -256,33 +279,32 @@ class MaskedModel(torch.nn.Module):
                              f"{stack.dtype} {tuple(stack.shape)}")
         else:
             buf = stack
-        chunks = []
+        state = _StackGrad()
 
-        def push(start, out):  # out: [n, N] writer outputs; store D = out - y~
-            delta = out if ytil is None else out - ytil[start:start + out.shape[0]]
-            buf[start:start + out.shape[0]] = delta.detach()
-            chunks.append(delta)
+        def push(start, out):  # out: [n, ...] writer outputs; the stack stores D = out - y~
+            rows_ = slice(start, start + out.shape[0])
+            flat = out.detach().reshape(out.shape[0], N)
+            if ytil is None:
+                buf[rows_] = flat
+            else:
+                torch.sub(flat, ytil[rows_], out=buf[rows_])
+            return out
 
-        def read(n_writers, readers, slot, rows=None):
+        def read(n_writers, readers, slot, latest, rows=None):
             base = corrupted.resid_at(slot, rows, d)
-            return _ReadMix.apply(mask[:n_writers, readers], base, buf[:n_writers], rows, d,
-                                  *chunks)
+            return _ReadMix.apply(mask[:n_writers, readers], base, buf, rows, d, state, latest)
 
-        if start_slot == 0:
-            push(0, a.embed(ids).to(self.dtype).reshape(1, N))
-        else:  # the given prefix of the stack is one constant chunk (no gradient flows into it)
-            chunks.append(buf[:self._writers_before_slot(start_slot)])
+        # `latest`: the writer output just before each read point (None: a given, constant prefix)
+        latest = push(0, a.embed(ids).to(self.dtype)[None]) if start_slot == 0 else None
         for l in range(start_slot // 2, self._L):
             if start_slot <= 2 * l:
-                rs = g.attn_readers(l)
-                x = read(g.writers_before_attn(l), rs, 2 * l).view(-1, B, S, d)
-                heads = a.attention(l, x, ctx, per_head=True)
-                push(g.head_writers(l).start, heads.reshape(self._H, N))
+                x = read(g.writers_before_attn(l), g.attn_readers(l), 2 * l, latest).view(-1, B, S, d)
+                latest = push(g.head_writers(l).start, a.attention(l, x, ctx, per_head=True))
             mr = g.mlp_reader(l)
-            x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
-            push(g.mlp_writer(l), a.mlp(l, x).reshape(1, N))
+            x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1, latest).view(B, S, d)
+            latest = push(g.mlp_writer(l), a.mlp(l, x)[None])
         lr = g.logits_reader
-        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
+        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, latest, rows)
         return a.unembed(final.view(B, P, d))
 
     def _writers_before_slot(self, slot: int) -> int:

@@ -98,17 +98,22 @@ def project(x: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor | Non
     ``[n, B, S, dh]`` per group.
     """
     _, B, S, d = x.shape
-    out, row = [], 0
-    for W, b in groups:
+    shared = x.shape[0] == 1
+    # split (not slicing) keeps the backward a single concatenation instead of zero-filled copies
+    if shared or len(groups) == 1:
+        parts = [x] * len(groups)
+    else:
+        parts = x.split([W.shape[0] for W, _ in groups])
+    out = []
+    for xs, (W, b) in zip(parts, groups):
         n, dh, _ = W.shape
-        if x.shape[0] == 1:  # one GEMM for all heads of the group
-            y = (x[0].reshape(B * S, d) @ W.reshape(n * dh, d).T).view(B, S, n, dh).permute(2, 0, 1, 3)
+        if shared:  # one GEMM for all heads of the group
+            y = (xs[0].reshape(B * S, d) @ W.reshape(n * dh, d).T).view(B, S, n, dh).permute(2, 0, 1, 3)
         else:
-            y = torch.bmm(x[row:row + n].reshape(n, B * S, d), W.transpose(1, 2)).view(n, B, S, dh)
+            y = torch.bmm(xs.reshape(n, B * S, d), W.transpose(1, 2)).view(n, B, S, dh)
         if b is not None:
             y = y + b[:, None, None, :]
         out.append(y)
-        row += n
     return out
 
 
