@@ -18,6 +18,7 @@ COMMANDS = [
     "bench",
     "tasks",
     "evaluate",
+    "report",
 ]
 
 

@@ -1,0 +1,153 @@
+"""Metric-against-sparsity curves: runs grouped into series and averaged over seeds; MIB-style AUC.
+
+A *series* is one line of a panel: a method under one preset and training-set size
+(`data.SERIES_KEYS`), its runs averaged over seeds at each target sparsity. The x value of a
+point is the mean *realised* sparsity (1 - edges/total) of its runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .data import ReportData, method_sort_key
+
+
+@dataclass
+class Curve:
+    """One series of a (task, model) panel for one metric.
+
+    ``points``: one row per target sparsity with ``target_sparsity``, ``sparsity`` (mean realised),
+    ``kept`` (mean fraction of edges kept), ``n_edges`` (mean), ``mean``, ``std`` (over seeds; 0 for
+    one seed), ``n_seeds``; ``run_ids``: the runs behind it.
+    """
+
+    task: str
+    model: str
+    metric: str
+    method: str
+    method_preset: str
+    n_train: int
+    label: str
+    points: pd.DataFrame
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.points["n_seeds"].max()) if len(self.points) else 0
+
+
+def series_label(method: str, preset: str, n_train, vary_preset: bool, vary_n: bool) -> str:
+    parts = [method]
+    if vary_preset and preset:
+        parts.append(preset)
+    if vary_n and n_train is not None and not pd.isna(n_train):
+        parts.append(f"n={int(n_train):,}")
+    return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+def panel_curves(data: ReportData, task: str, model: str, metric: str, split: str = "test") -> list[Curve]:
+    """Every series of the (task, model) panel for ``metric`` on ``split``, in method order."""
+    col = f"{split}/{metric}"
+    runs = data.panel_runs(task, model)
+    if col not in runs.columns:
+        return []
+    runs = runs[runs[col].notna()]
+    if runs.empty:
+        return []
+    vary_preset = runs["method_preset"].nunique() > 1
+    n_per_method = runs.groupby("method")["n_train"].nunique()
+    curves = []
+    groups = runs.groupby(["method", "method_preset", "n_train"], dropna=False, sort=False)
+    keys = sorted(groups.groups, key=lambda k: (method_sort_key(k[0]), str(k[1]), _num(k[2])))
+    for key in keys:
+        method, preset, n_train = key
+        g = groups.get_group(key)
+        pts = (g.assign(kept=g["n_edges"] / g["total_edges"])
+               .groupby("target_sparsity")
+               .agg(sparsity=("sparsity", "mean"), kept=("kept", "mean"), n_edges=("n_edges", "mean"),
+                    mean=(col, "mean"), std=(col, "std"), n_seeds=(col, "size"))
+               .reset_index().sort_values("sparsity"))
+        pts["std"] = pts["std"].fillna(0.0)
+        label = series_label(method, preset, n_train, vary_preset, n_per_method.get(method, 1) > 1)
+        curves.append(Curve(task, model, metric, method, preset, n_train, label, pts.reset_index(drop=True),
+                            list(g["run_id"])))
+    return curves
+
+
+def _num(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(v) else v
+
+
+# ---- area under the normalised faithfulness curve ------------------------------------------------
+@dataclass
+class NormalisedCurve:
+    """A series' normalised faithfulness f = (circuit − empty)/(full − empty) against the fraction
+    of edges kept k, anchored at (0, 0) (the empty circuit) and (1, 1) (the full model)."""
+
+    curve: Curve
+    kept: np.ndarray
+    faithfulness: np.ndarray
+    auc_linear: float
+    auc_log: float
+    log_from: float
+
+
+def normalise(curve: Curve, full: float, empty: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, f) sorted by k, with the empty-circuit and full-model anchors added where not measured."""
+    k = curve.points["kept"].to_numpy(float)
+    f = (curve.points["mean"].to_numpy(float) - empty) / (full - empty)
+    order = np.argsort(k)
+    k, f = k[order], f[order]
+    if not len(k) or k[0] > 0:
+        k, f = np.concatenate([[0.0], k]), np.concatenate([[0.0], f])
+    if k[-1] < 1:
+        k, f = np.concatenate([k, [1.0]]), np.concatenate([f, [1.0]])
+    return k, f
+
+
+def area_linear(k: np.ndarray, f: np.ndarray) -> float:
+    """Trapezoid area of f over k in [0, 1]."""
+    return float(np.trapezoid(f, k))
+
+
+def area_log(k: np.ndarray, f: np.ndarray, k_from: float) -> float:
+    """Trapezoid area of f over log10 k from ``k_from`` to 1, divided by the width of that range (so
+    a curve at f = 1 throughout scores 1, as on the linear axis). f at ``k_from`` is interpolated
+    linearly in log k between the measured points."""
+    if not 0 < k_from < 1:
+        return math.nan
+    keep = k > 0
+    x, y = np.log10(k[keep]), f[keep]
+    lo = math.log10(k_from)
+    if x[0] > lo + 1e-12:
+        return math.nan  # the curve does not reach down to k_from: no honest value
+    y_lo = float(np.interp(lo, x, y))
+    inside = x > lo
+    xs = np.concatenate([[lo], x[inside]])
+    ys = np.concatenate([[y_lo], y[inside]])
+    return float(np.trapezoid(ys, xs) / (0.0 - lo))
+
+
+def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[NormalisedCurve]:
+    """Normalised curves and both areas for the series of one panel. The log axis covers the
+    fractions kept that every series measured: from the largest of the series' smallest measured
+    k up to 1, so all methods of a task are integrated over the same range."""
+    if full is None or empty is None or not math.isfinite(full - empty) or full == empty:
+        return []
+    measured_min = [float(c.points["kept"].min()) for c in curves if len(c.points)]
+    positive = [m for m in measured_min if m > 0]
+    log_from = max(positive) if positive else math.nan
+    out = []
+    for c in curves:
+        k, f = normalise(c, full, empty)
+        out.append(NormalisedCurve(c, k, f, area_linear(k, f),
+                                   area_log(k, f, log_from) if math.isfinite(log_from) else math.nan,
+                                   log_from))
+    return out

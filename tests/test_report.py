@@ -1,0 +1,504 @@
+"""The report: figures, tables and index.html rebuilt from a store with known values.
+
+`make_store` writes a small store through the store's own API (`ResultsStore.record_job`,
+`record_references`) with metric values from a closed formula (`kl_value` ...), so every number a
+table shows can be checked against what was stored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from circuitbench.circuit import Circuit
+from circuitbench.errors import UserError
+from circuitbench.graph import Graph
+from circuitbench.store import ResultsStore, run_id_for
+
+TINY = Graph(2, 4)
+TINY_MODEL = "random:gpt2-tiny"
+TRACR = Graph(4, 1)  # tracr:reverse
+SPARSITIES = (0.5, 0.8, 0.9)
+METHOD_OFFSET = {"ep": 0.0, "eap": 0.3, "acdc": 0.15}
+TASK_METRICS = {
+    "ioi-t1": ("kl", "logit_diff", "accuracy", "exact_match"),
+    "gt": ("kl", "prob_diff", "prob_diff_10", "kendall_tau", "exact_match"),
+    "boolexpr-ip": ("kl", "logit_diff", "accuracy", "exact_match"),
+    "boolexpr-fs": ("kl", "logit_diff", "accuracy", "exact_match"),
+    "tracr-reverse": ("kl", "accuracy", "exact_match"),
+}
+FULL = {"kl": 0.0, "logit_diff": 3.0, "prob_diff": 0.8, "prob_diff_10": 0.6, "kendall_tau": 1.0,
+        "exact_match": 1.0, "accuracy": 0.9}
+EMPTY = {"kl": 2.0, "logit_diff": -1.0, "prob_diff": 0.0, "prob_diff_10": 0.0, "kendall_tau": 0.0,
+         "exact_match": 0.1, "accuracy": 0.2}
+
+
+def metric_value(metric: str, method: str, sparsity: float, seed: int, n_train: int, task: str,
+                 split: str = "test") -> float:
+    """The stored value: full-model value at sparsity 0 moving towards the empty circuit's."""
+    t = sparsity * (0.5 + METHOD_OFFSET.get(method, 0.2)) + 0.01 * seed - 0.0001 * (n_train // 100)
+    t += 0.02 * (split != "test") + 0.003 * len(task)
+    return FULL[metric] + (EMPTY[metric] - FULL[metric]) * t
+
+
+def _job(job_id, method, task, model, graph, n_train, seed, target, wall, device="cpu",
+         device_name="Test CPU (2 cores)", extra_config=None, preset="quick"):
+    config = {"job": job_id, "method": method, "task": task, "eval_limit": 32, **(extra_config or {})}
+    return {"job_id": job_id, "config": config, "method": method, "method_preset": preset,
+            "method_config": {}, "task": task, "model": model, "dtype": "float32", "n_train": n_train,
+            "n_validation": None, "data_seed": 0, "seed": seed, "target_sparsity": target,
+            "wall_s": wall, "wall_total_s": sum(wall.values()), "forward_passes": 100 + seed,
+            "backward_passes": 50 if method != "acdc" else 0, "peak_memory_mib": 10.0 + seed,
+            "device": device, "device_name": device_name, "threads": 1, "host": "test",
+            "versions": {"circuitbench": "0.1.0", "torch": torch.__version__},
+            "graph": {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
+                      "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges},
+            "log": [], "info": {}, "started_at": "t0", "finished_at": "t1"}
+
+
+def _scores(graph, key: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(sum(map(ord, key)))
+    return torch.randn(graph.n_writers, graph.n_readers, generator=gen)
+
+
+def _record(store, job, circuits: dict[float, Circuit], metrics_of, scores=None):
+    runs, metrics, files = [], {}, {}
+    for s, c in circuits.items():
+        rid = run_id_for(job["job_id"], s)
+        runs.append({"run_id": rid, "job_id": job["job_id"], "target_sparsity": s, "sparsity": c.sparsity,
+                     "n_edges": c.n_edges, "total_edges": c.graph.n_edges, "n_nodes": len(c.nodes),
+                     "n_examples": 32, "eval_s": 0.25, "finished_at": "t1"})
+        metrics[rid] = metrics_of(s)
+        data = c.to_dict()
+        data["meta"] = {"run_id": rid, "task": job["task"], "model": job["model"], "method": job["method"]}
+        files[rid] = data
+    assert store.record_job(job, runs, metrics, files, scores)
+    return [r["run_id"] for r in runs]
+
+
+def _lm_metrics(method, task, seed, n_train, cross: str | None = None):
+    def of(s):
+        out = {"test": {m: metric_value(m, method, s, seed, n_train, task) for m in TASK_METRICS[task]}}
+        if cross:
+            out[f"test@{cross}"] = {m: metric_value(m, method, s, seed, n_train, task, split=cross)
+                                    for m in TASK_METRICS[cross]}
+        return out
+    return of
+
+
+def make_store(root, tracr: bool = True, case_study: bool = True, failed: bool = True,
+               lm_tasks=(("ioi-t1", (200, 400)), ("gt", (200,)))) -> ResultsStore:
+    """ioi-t1 (ep 2 seeds and eap, at n_train 200 and 400), gt (ep, eap at 200), tracr-reverse (ep
+    exact, acdc with an extra edge), boolexpr-ip/fs (ep, with cross-setting splits and an evaluated
+    intersection), references for each, and one failed job."""
+    store = ResultsStore(root)
+    n = 0
+
+    def next_id():
+        nonlocal n
+        n += 1
+        return f"{n:016x}"
+
+    for task, sizes in lm_tasks:
+        for n_train in sizes:
+            for seed in (0, 1):
+                for s in SPARSITIES:  # ep: one job per target sparsity
+                    job = _job(next_id(), "ep", task, TINY_MODEL, TINY, n_train, seed, s,
+                               {"setup": 0.5, "train": 10.0 + s + n_train / 100})
+                    c = Circuit.from_sparsity(TINY, _scores(TINY, f"ep{task}{seed}{s}"), s)
+                    _record(store, job, {s: c}, _lm_metrics("ep", task, seed, n_train))
+            job = _job(next_id(), "eap", task, TINY_MODEL, TINY, n_train, 0, None,
+                       {"setup": 0.25, "attribute": 1.0 + n_train / 1000})
+            sc = _scores(TINY, f"eap{task}{n_train}")
+            _record(store, job, {s: Circuit.from_sparsity(TINY, sc, s) for s in SPARSITIES},
+                    _lm_metrics("eap", task, 0, n_train), scores=sc.numpy())
+        ref = {"ref_id": f"ref-{task}", "task": task, "model": TINY_MODEL, "dtype": "float32", "device": "cpu",
+               "data_seed": 0, "eval_limit": 32}
+        store.record_references(ref, {"test": {"full": {m: FULL[m] for m in TASK_METRICS[task]},
+                                               "empty": {m: EMPTY[m] for m in TASK_METRICS[task]}}})
+    if tracr:
+        from circuitbench.tracr import ground_truth
+
+        gt = ground_truth("reverse")
+        truth = Circuit.from_names(TRACR, gt)
+        extra = truth.edges.clone()
+        extra[0, TRACR.reader_index["logits"]] = True  # one edge beyond the ground truth
+        missing = truth.edges.clone()
+        i, j = TRACR.parse_edge(gt[0])
+        missing[i, j] = False
+        for method, edges in (("ep", truth.edges), ("acdc", extra), ("eap", missing)):
+            c = Circuit(TRACR, edges)
+            s = c.sparsity
+            job = _job(next_id(), method, "tracr-reverse", "tracr:reverse", TRACR, 363, 0, s, {"train": 1.0})
+            _record(store, job, {s: c}, lambda s, method=method: {"test": {
+                m: metric_value(m, method, s, 0, 363, "tracr-reverse") for m in TASK_METRICS["tracr-reverse"]}})
+    if case_study:
+        ids = {}
+        for task, other in (("boolexpr-ip", "boolexpr-fs"), ("boolexpr-fs", "boolexpr-ip")):
+            job = _job(next_id(), "ep", task, TINY_MODEL, TINY, 3840, 0, 0.9, {"train": 30.0})
+            c = Circuit.from_sparsity(TINY, _scores(TINY, task), 0.9)
+            ids[task] = _record(store, job, {0.9: c}, _lm_metrics("ep", task, 0, 3840, cross=other))[0]
+        a, b = store.circuit(ids["boolexpr-ip"]), store.circuit(ids["boolexpr-fs"])
+        inter = a & b
+        job = _job(next_id(), "intersection", "boolexpr-ip", TINY_MODEL, TINY, 3840, 0, 0.9, {"intersect": 0.0},
+                   extra_config={"intersection_of": [ids["boolexpr-ip"], ids["boolexpr-fs"]]}, preset=None)
+        _record(store, job, {0.9: inter}, _lm_metrics("intersection", "boolexpr-ip", 0, 3840, cross="boolexpr-fs"))
+    if failed:
+        store.record_failure(_job(next_id(), "acdc", "ioi-t1", TINY_MODEL, TINY, 200, 0, None, {}),
+                             "RuntimeError: out of memory")
+    return store
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    make_store(root).close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(store_dir):
+    from circuitbench.report.data import load_report_data
+
+    d = load_report_data(store_dir)
+    yield d
+    d.store.close()
+
+
+def _series(fig):
+    return {ax.get_title(): sum(1 for l in ax.get_lines() if l.get_gid() == "series")
+            for ax in fig.axes if ax.get_visible() and ax.get_title()}
+
+
+def _references(fig):
+    return {ax.get_title(): sorted(l.get_label() for l in ax.get_lines() if l.get_gid() == "reference")
+            for ax in fig.axes if ax.get_visible() and ax.get_title()}
+
+
+# ---- figures -----------------------------------------------------------------------------------------
+def test_faithfulness_series_and_references(data):
+    from circuitbench.report import figures
+
+    art = figures.faithfulness(data)
+    series = _series(art.figure)
+    # ioi-t1: ep and eap at two training sizes; gt: ep, eap; tracr-reverse: ep, acdc, eap (one point
+    # each); boolexpr-ip, boolexpr-fs: ep (the intersection is not a method line)
+    assert series == {f"ioi-t1\n{TINY_MODEL}": 4, f"gt\n{TINY_MODEL}": 2, "tracr-reverse\ntracr:reverse": 3,
+                      f"boolexpr-ip\n{TINY_MODEL}": 1, f"boolexpr-fs\n{TINY_MODEL}": 1}
+    refs = _references(art.figure)
+    assert refs[f"ioi-t1\n{TINY_MODEL}"] == ["empty circuit", "full model"]
+    assert refs["tracr-reverse\ntracr:reverse"] == []  # no references stored for it
+    assert any("tracr-reverse" in n and "no reference" in n for n in art.notes)
+    # the ep line of ioi-t1 at n=200 is the mean over its two seeds, with a band
+    ax = next(a for a in art.figure.axes if a.get_title() == f"ioi-t1\n{TINY_MODEL}")
+    line = next(l for l in ax.get_lines() if l.get_label() == "ep (n=200)")
+    expected = [(metric_value("kl", "ep", s, 0, 200, "ioi-t1") + metric_value("kl", "ep", s, 1, 200, "ioi-t1")) / 2
+                for s in SPARSITIES]
+    assert line.get_ydata() == pytest.approx(expected)
+    assert len(ax.collections) >= 2  # the ep bands (two seeds); eap has one seed, no band
+    assert set(art.run_ids) >= set(data.panel_runs("ioi-t1", TINY_MODEL)["run_id"])
+
+
+def test_performance_and_secondary_metrics_pick_the_tasks_metrics(data):
+    from circuitbench.report import figures
+
+    perf = figures.performance(data)
+    axes = {ax.get_title(): ax for ax in perf.figure.axes if ax.get_title()}
+    assert axes[f"gt\n{TINY_MODEL}"].get_ylabel() == "probability difference"
+    assert axes[f"ioi-t1\n{TINY_MODEL}"].get_ylabel() == "logit difference"
+    assert "tracr-reverse\ntracr:reverse" not in axes  # no logit/probability difference stored
+    full = [l for l in axes[f"gt\n{TINY_MODEL}"].get_lines() if l.get_label() == "full model"][0]
+    assert full.get_linestyle() == "--" and full.get_ydata()[0] == FULL["prob_diff"]
+    em = figures.exact_match(data)
+    labels = {ax.get_title(): ax.get_ylabel() for ax in em.figure.axes if ax.get_title()}
+    assert labels[f"gt\n{TINY_MODEL}"] == "Kendall's τ" and labels[f"ioi-t1\n{TINY_MODEL}"] == "exact match"
+    acc = figures.accuracy(data)
+    labels = {ax.get_title(): ax.get_ylabel() for ax in acc.figure.axes if ax.get_title()}
+    assert labels[f"gt\n{TINY_MODEL}"] == "probability difference 10"
+    assert _series(acc.figure)[f"gt\n{TINY_MODEL}"] == 2
+
+
+# ---- tables ------------------------------------------------------------------------------------------
+def test_scaling_table_values(data):
+    from circuitbench.report import tables
+
+    art = tables.scaling_table(data)
+    t = art.table
+    row = t[(t["task"] == "ioi-t1") & (t["method"] == "ep")].iloc[0]
+    assert row["target sparsity"] == 0.9  # the largest sparsity every method and size has
+    for n in (200, 400):
+        kl = [metric_value("kl", "ep", 0.9, seed, n, "ioi-t1") for seed in (0, 1)]
+        assert row[f"kl (n={n})"] == pytest.approx(sum(kl) / 2)
+        assert row[f"wall s (n={n})"] == pytest.approx(0.5 + 10.0 + 0.9 + n / 100)
+    eap = t[(t["task"] == "ioi-t1") & (t["method"] == "eap")].iloc[0]
+    assert eap["wall s (n=400)"] == pytest.approx(0.25 + 1.0 + 0.4)
+    assert row["device"] == "Test CPU (2 cores)"
+    assert "kl (n=400)" in t.columns and math.isnan(t[(t["task"] == "gt")]["kl (n=400)"].iloc[0])
+
+
+def test_runtime_table_values(data):
+    from circuitbench.report import tables
+
+    t = tables.runtime_table(data).table
+    ep = t[(t["task"] == "ioi-t1") & (t["method"] == "ep") & (t["n_train"] == 200)].iloc[0]
+    assert ep["jobs"] == 6 and ep["circuits"] == 6
+    assert ep["setup s"] == pytest.approx(0.5)
+    assert ep["train s"] == pytest.approx(10.0 + sum(SPARSITIES) / 3 + 2.0)
+    assert ep["forward passes"] == pytest.approx(100.5) and ep["peak MiB"] == 11.0
+    eap = t[(t["task"] == "gt") & (t["method"] == "eap")].iloc[0]
+    assert eap["jobs"] == 1 and eap["circuits"] == 3 and eap["attribute s"] == pytest.approx(1.2)
+    assert math.isnan(eap["train s"])
+
+
+def test_tracr_recovery_table(data):
+    from circuitbench.report import tables
+    from circuitbench.tracr import ground_truth
+
+    t = tables.tracr_recovery_table(data).table.set_index("method")
+    n_true = len(ground_truth("reverse"))
+    assert t.loc["ep", "precision"] == 1 and t.loc["ep", "recall"] == 1 and bool(t.loc["ep", "exact match"])
+    assert t.loc["acdc", "precision"] == pytest.approx(n_true / (n_true + 1)) and t.loc["acdc", "recall"] == 1
+    assert t.loc["eap", "recall"] == pytest.approx((n_true - 1) / n_true) and not t.loc["eap", "exact match"]
+
+
+def test_case_study_table(data):
+    from circuitbench.report import tables
+
+    t = tables.case_study_table(data).table
+    assert list(t["circuit"]) == ["IP", "FS", "IP ∩ FS"]
+    ip_run = data.runs[data.runs["task"] == "boolexpr-ip"].iloc[0]
+    fs_run = data.runs[data.runs["task"] == "boolexpr-fs"].iloc[0]
+    a, b = data.circuit(ip_run["run_id"]), data.circuit(fs_run["run_id"])
+    overlap = int((a.edges & b.edges).sum())
+    assert list(t["edges"]) == [a.n_edges, b.n_edges, overlap]
+    ip, fs, inter = (t.iloc[i] for i in range(3))
+    assert ip["IP accuracy"] == pytest.approx(metric_value("accuracy", "ep", 0.9, 0, 3840, "boolexpr-ip"))
+    assert ip["FS accuracy"] == pytest.approx(
+        metric_value("accuracy", "ep", 0.9, 0, 3840, "boolexpr-ip", split="boolexpr-fs"))
+    assert fs["FS exact match"] == pytest.approx(metric_value("exact_match", "ep", 0.9, 0, 3840, "boolexpr-fs"))
+    assert inter["FS accuracy"] == pytest.approx(
+        metric_value("accuracy", "intersection", 0.9, 0, 3840, "boolexpr-ip", split="boolexpr-fs"))
+    chance = a.n_edges * b.n_edges / TINY.n_edges
+    assert inter["overlap by chance"] == pytest.approx(chance)
+    assert inter["overlap / chance"] == pytest.approx(overlap / chance)
+
+
+def test_auc_values(data):
+    import numpy as np
+
+    from circuitbench.report import tables
+
+    t = tables.auc_table(data).table
+    row = t[(t["task"] == "gt") & (t["method"] == "eap")].iloc[0]
+    runs = data.panel_runs("gt", TINY_MODEL)
+    eap = runs[runs["method"] == "eap"].sort_values("sparsity")
+    k = (eap["n_edges"] / eap["total_edges"]).to_numpy()
+    f = (eap["test/prob_diff"].to_numpy() - EMPTY["prob_diff"]) / (FULL["prob_diff"] - EMPTY["prob_diff"])
+    order = np.argsort(k)
+    kk = np.concatenate([[0], k[order], [1]])
+    ff = np.concatenate([[0], f[order], [1]])
+    assert row["auc_linear"] == pytest.approx(float(np.trapezoid(ff, kk)))
+    # the log axis starts at the largest smallest-k of the task's methods
+    ep = runs[runs["method"] == "ep"]
+    k_from = max((ep["n_edges"] / ep["total_edges"]).min(), k.min())
+    assert row["log from (k)"] == pytest.approx(k_from)
+    assert 0 < row["auc_log"] < 1
+    assert set(t["task"]) == {"ioi-t1", "gt"}  # the only tasks with references stored
+
+
+def test_area_helpers_on_known_curves():
+    import numpy as np
+
+    from circuitbench.report.curves import area_linear, area_log
+
+    k = np.array([0.0, 0.01, 0.1, 1.0])
+    assert area_linear(k, np.ones(4)) == pytest.approx(1.0)
+    assert area_log(k, np.ones(4), 0.01) == pytest.approx(1.0)
+    # f = log10(k)/2 + 1 on [0.01, 1] is linear in log k: average 0.5
+    f = np.array([0.0, 0.0, 0.5, 1.0])
+    assert area_log(k, f, 0.01) == pytest.approx(0.5)
+    assert math.isnan(area_log(k[2:], f[2:], 0.01))  # the curve does not reach k = 0.01
+
+
+# ---- diagrams ----------------------------------------------------------------------------------------
+def test_diagram_draws_only_touched_nodes_and_distinguishes_qkv():
+    from circuitbench.report.diagrams import EDGE_STYLE, draw_circuit
+
+    g = Graph(3, 4)
+    c = Circuit.from_names(g, ["input->a0.h1<q>", "input->a0.h1<k>", "a0.h1->a2.h3<v>", "a2.h3->logits",
+                               "a0.h1->m1", "m1->logits"])
+    fig = draw_circuit(c, "test")
+    ax = fig.axes[0]
+    labels = {t.get_text() for t in ax.texts}
+    assert {"input", "a0.h1", "a2.h3", "m1", "logits"} <= labels
+    assert not {"a0.h0", "a1.h0", "m0", "m2"} & labels
+    colours = {tuple(round(v, 3) for v in p.get_edgecolor()[:3]) for p in ax.patches if hasattr(p, "get_connectionstyle")}
+    import matplotlib.colors as mc
+
+    for kind in ("q", "k", "v", "mlp", "logits"):
+        assert tuple(round(v, 3) for v in mc.to_rgb(EDGE_STYLE[kind]["color"])) in colours
+    assert sum(1 for p in ax.patches if hasattr(p, "get_connectionstyle")) == c.n_edges
+
+
+def test_diagram_grouped_query_attention_and_sparse_big_graph():
+    from circuitbench.report.diagrams import draw_circuit
+
+    g = Graph(30, 9, 3)  # SmolLM2-135M shape
+    scores = _scores(g, "gqa")
+    c = Circuit.from_sparsity(g, scores, 0.995)
+    fig = draw_circuit(c)
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    kv_edges = [n for n in c.edge_names if ".g" in n.split("->")[1]]
+    if kv_edges:
+        assert any(l.startswith("g") and l[1:].isdigit() for l in labels)
+    width, height = fig.get_size_inches()
+    assert width < 30 and height < 30
+
+
+# ---- the whole report and the command ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(store_dir, tmp_path_factory):
+    from circuitbench.report import build_report
+
+    out = tmp_path_factory.mktemp("report")
+    return out, build_report(store_dir, out)
+
+
+def test_build_report_writes_every_file(store_dir, report):
+    out, summary = report
+    for name in ("faithfulness", "performance", "exact_match", "accuracy", "auc_curves", "auc",
+                 "tracr_tracr-reverse"):
+        for ext in ("png", "pdf"):
+            path = out / "figures" / f"{name}.{ext}"
+            assert path.exists() and path.stat().st_size > 1000, path
+    for name in ("scaling", "runtime", "tracr_recovery", "case_study", "auc"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / "tables" / f"{name}.{ext}").exists()
+    diagrams = [p for p in summary["figures"] if p.startswith("circuit_")]
+    assert len(diagrams) == 9  # one per task and method: ioi-t1 2, gt 2, tracr-reverse 3, boolexpr-ip/fs 1 each
+    assert all((out / "figures" / f"{d}.pdf").exists() for d in diagrams)
+    assert set(summary["missing"]) == {"figures/edge_faithfulness", "tables/edge_faithfulness",
+                                       "tables/edge_faithfulness_edges"}
+
+
+def test_index_page_shows_everything_and_the_runs(store_dir, report):
+    out, _ = report
+    page = (out / "index.html").read_text()
+    assert 'src="figures/faithfulness.png"' in page and 'href="figures/faithfulness.pdf"' in page
+    assert 'href="tables/scaling.tex"' in page
+    # the figure without data says so in its place
+    section = page[page.index('id="edge_faithfulness"'):page.index('id="diagrams"')]
+    assert section.count("No data.") == 3 and "--edge-faithfulness" in section
+    # every run is listed (an anchor the figures link to), the failed job too
+    assert page.count('id="run-') == len(ResultsStore(store_dir).runs())
+    assert "RuntimeError: out of memory" in page
+    assert page.count('<a href="#run-') > 30
+
+
+def test_table_files_hold_the_stored_numbers(report):
+    out, _ = report
+    csv = pd.read_csv(out / "tables" / "scaling.csv")
+    row = csv[(csv["task"] == "gt") & (csv["method"] == "eap")].iloc[0]
+    assert row["kl (n=200)"] == pytest.approx(metric_value("kl", "eap", 0.9, 0, 200, "gt"))
+    case = pd.read_csv(out / "tables" / "case_study.csv")
+    assert case["IP accuracy"].iloc[0] == pytest.approx(metric_value("accuracy", "ep", 0.9, 0, 3840, "boolexpr-ip"))
+    md = (out / "tables" / "runtime.md").read_text()
+    assert md.count("\n| ") >= 7 and "| ioi-t1 |" in md
+    tex = (out / "tables" / "case_study.tex").read_text()
+    assert "\\begin{tabular}" in tex and "IP $\\cap$ FS" in tex
+
+
+def test_rebuild_replaces_its_own_files_and_refuses_foreign_folders(tmp_path):
+    from circuitbench.report import build_report
+
+    make_store(tmp_path / "store", tracr=False, case_study=False, failed=False, lm_tasks=(("gt", (200,)),)).close()
+    out = tmp_path / "rep"
+    build_report(tmp_path / "store", out)
+    stale = out / "figures" / "stale.png"
+    stale.write_bytes(b"old")
+    summary = build_report(tmp_path / "store", out)
+    assert not stale.exists() and (out / "figures" / "faithfulness.png").exists()
+    assert "tables/case_study" in summary["missing"]
+    (tmp_path / "other" / "figures").mkdir(parents=True)
+    with pytest.raises(UserError, match="not written by circuitbench report"):
+        build_report(tmp_path / "store", tmp_path / "other")
+
+
+def test_empty_and_missing_store(tmp_path, capsys):
+    from circuitbench.cli import main
+
+    assert main(["report", "--results", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no results folder") and "Traceback" not in err and err.count("\n") == 1
+    (tmp_path / "plain").mkdir()
+    assert main(["report", "--results", str(tmp_path / "plain")]) == 2
+    assert "no results store" in capsys.readouterr().err
+    ResultsStore(tmp_path / "empty").close()
+    assert main(["report", "--results", str(tmp_path / "empty")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no runs in") and out.count("\n") == 1
+    page = (tmp_path / "empty" / "report" / "index.html").read_text()
+    assert "holds no evaluated circuits yet" in page
+
+
+def test_report_command_in_a_fresh_process(tmp_path):
+    ResultsStore(tmp_path / "empty").close()
+    proc = subprocess.run([sys.executable, "-m", "circuitbench", "report", "--results", str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("no runs in"), proc.stderr
+
+
+# ---- edge faithfulness -------------------------------------------------------------------------------
+def test_edge_faithfulness_compute_store_and_draw(tmp_path):
+    """On tracr:reverse's ground-truth circuit: the circuit itself is faithful, every edge of it
+    matters, and each stored value equals an independent evaluation of the circuit without it."""
+    from circuitbench import load_model
+    from circuitbench.cli import main
+    from circuitbench.evaluate import evaluate
+    from circuitbench.report import edge_faithfulness as ef
+    from circuitbench.tracr import ground_truth
+
+    results = tmp_path / "res"
+    circuit_file = tmp_path / "gt.json"
+    gt = ground_truth("reverse")
+    Circuit.from_names(TRACR, gt, meta={"task": "tracr-reverse", "model": "tracr:reverse"}).save(circuit_file)
+    assert main(["report", "--results", str(results), "--edge-faithfulness", str(circuit_file), "--limit", "40",
+                 "--no-progress"]) == 0
+    rows = ef.load(results / "results.db")
+    assert len(rows) == len(gt) and rows["n_examples"].iloc[0] == 40
+    assert rows["circuit_loss"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # the ground truth is faithful
+    assert (rows["circuit_without"] > 1e-3).all()  # no inert edge in the ground truth
+    model = load_model("tracr:reverse")
+    for k in (0, len(rows) - 1):
+        edge = rows["edge"].iloc[k]
+        without = Circuit.from_names(model.graph, [e for e in gt if e != edge])
+        kl = evaluate(model, "tracr-reverse", without, limit=40, progress=False)["kl"]
+        assert rows["circuit_without"].iloc[k] == pytest.approx(kl, rel=1e-5, abs=1e-7)
+        full_without = Circuit.full(model.graph)
+        full_without.edges[model.graph.parse_edge(edge)] = False
+        kl = evaluate(model, "tracr-reverse", full_without, limit=40, progress=False)["kl"]
+        assert rows["model_without"].iloc[k] == pytest.approx(kl, rel=1e-5, abs=1e-7)
+    assert (out := results / "report" / "figures" / "edge_faithfulness.png").exists(), out
+    art = ef.figure(rows)
+    assert sum(1 for c in art.figure.axes[0].collections if c.get_gid() == "series") >= 3  # q/k/v/mlp/logits kinds
+    csv = pd.read_csv(results / "report" / "tables" / "edge_faithfulness_edges.csv")
+    assert len(csv) == len(rows)
+    # a second run of the same study replaces it
+    assert main(["report", "--results", str(results), "--edge-faithfulness", str(circuit_file), "--limit", "40",
+                 "--no-progress"]) == 0
+    assert len(ef.load(results / "results.db")) == len(rows)
+
+
+def test_edge_faithfulness_errors(tmp_path):
+    from circuitbench.cli import main
+
+    assert main(["report", "--results", str(tmp_path), "--edge-faithfulness", "no-such-run"]) == 2
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"format": "circuitbench", "edges": []}))
+    assert main(["report", "--results", str(tmp_path), "--edge-faithfulness", str(bad)]) == 2
+    assert main(["report", "--results", str(tmp_path), "--model", "tracr:reverse"]) == 2
