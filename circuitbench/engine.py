@@ -120,9 +120,12 @@ class MaskedModel(torch.nn.Module):
     `CorruptedCache` from `corrupted_cache` to skip the corrupted pass.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, checkpoint: bool = False):
         super().__init__()
         self.model = model
+        # recompute each layer's activations in the backward pass instead of keeping them (large
+        # models); the writer stack itself is always kept
+        self.checkpoint = checkpoint
         self.adapter = model.adapter
         self.graph = model.graph
         g = self.graph
@@ -296,13 +299,20 @@ class MaskedModel(torch.nn.Module):
 
         # `latest`: the writer output just before each read point (None: a given, constant prefix)
         latest = push(0, a.embed(ids).to(self.dtype)[None]) if start_slot == 0 else None
-        for l in range(start_slot // 2, self._L):
+        def layer(l, latest, mask):
             if start_slot <= 2 * l:
                 x = read(g.writers_before_attn(l), g.attn_readers(l), 2 * l, latest).view(-1, B, S, d)
                 latest = push(g.head_writers(l).start, a.attention(l, x, ctx, per_head=True))
             mr = g.mlp_reader(l)
             x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1, latest).view(B, S, d)
-            latest = push(g.mlp_writer(l), a.mlp(l, x)[None])
+            return push(g.mlp_writer(l), a.mlp(l, x)[None])
+
+        recompute = self.checkpoint and torch.is_grad_enabled()
+        for l in range(start_slot // 2, self._L):
+            if recompute:  # re-running a layer rewrites its own stack rows with the same values
+                latest = torch.utils.checkpoint.checkpoint(layer, l, latest, mask, use_reentrant=False)
+            else:
+                latest = layer(l, latest, mask)
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, latest, rows)
         return a.unembed(final.view(B, P, d))

@@ -263,3 +263,38 @@ def test_bad_masks_and_ablation_are_user_errors(model):
         mm(clean, corrupted, ablation="mean-ish")
     with pytest.raises(UserError, match="corrupted"):
         mm(clean)
+
+
+# ---- large-model options: gradient checkpointing and bf16 ------------------------------------------
+
+def _mask_grads(model, checkpoint, dtype=torch.float32):
+    g = model.graph
+    clean, corrupted = _batch(8, B=4, S=9)
+    mm = MaskedModel(model, checkpoint=checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    edge = torch.rand(g.n_writers, g.n_readers, generator=gen).requires_grad_(True)
+    node = torch.rand(g.n_writers, generator=gen).requires_grad_(True)
+    ref = mm.reference(clean, positions=torch.full((4,), 8)).float().log_softmax(-1)
+    out = mm(clean, corrupted, edge_mask=edge, node_mask=node, positions=torch.full((4,), 8))
+    loss = torch.nn.functional.kl_div(out.float().log_softmax(-1), ref, log_target=True, reduction="batchmean")
+    loss.backward()
+    return edge.grad[g.valid], node.grad
+
+
+def test_gradient_checkpointing_gives_the_same_mask_gradients(model):
+    e0, n0 = _mask_grads(model, checkpoint=False)
+    e1, n1 = _mask_grads(model, checkpoint=True)
+    # the same arithmetic, recomputed: equal up to float32 rounding
+    assert torch.allclose(e0, e1, rtol=1e-5, atol=1e-7) and torch.allclose(n0, n1, rtol=1e-5, atol=1e-7)
+
+
+BF16_TOLERANCE = 0.05  # relative L2 error of the mask gradients, bf16 weights and activations vs float32
+
+
+def test_bf16_mask_gradients_within_tolerance(model):
+    e0, n0 = _mask_grads(model, checkpoint=False)
+    low = load_model(model.spec, dtype="bfloat16")
+    e1, n1 = _mask_grads(low, checkpoint=True)
+    for a, b in ((e0, e1), (n0, n1)):
+        rel = (a - b.float()).norm() / a.norm()
+        assert rel <= BF16_TOLERANCE, rel.item()
