@@ -16,6 +16,7 @@ from .errors import UserError
 COMMANDS = [
     "graph",
     "bench",
+    "methods",
     "tasks",
     "evaluate",
     "report",

@@ -1,0 +1,134 @@
+"""What every method needs from a training split: batches prepared for the engine.
+
+A `BatchPlan` splits a split into a fixed, seeded partition of batches and prepares each one for the
+engine: the corrupted cache (one corrupted pass), the full model's logits at the scored positions
+(one plain pass) and, for ACDC, the full model's writer stack. When everything fits in
+``cache_mib`` the prepared batches are kept and reused (methods that loop over the data many times
+pay for the corrupted pass once); otherwise each batch is prepared again on every use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from circuitbench.engine import CorruptedCache, MaskedModel
+from circuitbench.errors import UserError
+from circuitbench.method import CostMeter
+from circuitbench.tasks.base import Examples
+
+
+@dataclass
+class PreparedBatch:
+    """One batch ready for the engine."""
+
+    batch: Examples  # on the engine's device
+    corrupted: CorruptedCache
+    reference: torch.Tensor | None  # the full model's logits [B, P, vocab] at batch.positions
+    stack: torch.Tensor | None  # the full model's writer stack D [W, B*S*d] (ACDC), else None
+
+    @property
+    def size(self) -> int:
+        return len(self.batch)
+
+
+class BatchPlan:
+    """A seeded partition of ``examples`` into batches, prepared for ``engine`` on demand.
+
+    ``reference``: keep the full model's logits (objectives comparing with the full model);
+    ``stack``: keep the full model's writer stack (restarted passes).
+    """
+
+    def __init__(self, engine: MaskedModel, task, examples: Examples, batch_size: int, meter: CostMeter,
+                 cache_mib: float, seed: int = 0, reference: bool = True, stack: bool = False):
+        if len(examples) == 0:
+            raise UserError("the training split is empty: a method needs at least one example")
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        self.engine, self.task, self.meter = engine, task, meter
+        self.ablation = getattr(task, "ablation", "interchange")
+        self.want_reference, self.want_stack = reference, stack
+        self.examples = examples
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(seed)))
+        self.parts = [order[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+        self.n_examples = len(examples)
+        self.cached = self.estimate_mib() <= cache_mib
+        self._cache: dict[int, PreparedBatch] = {}
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def estimate_mib(self) -> float:
+        """Memory the prepared batches of the whole split would hold (MiB)."""
+        g, L = self.engine.graph, self.engine.graph.n_layers
+        d = self.engine.adapter.d_model
+        elem = torch.finfo(self.engine.dtype).bits // 8
+        rows = (2 * L + 1) if self.ablation == "interchange" else 0
+        if self.ablation == "interchange":
+            rows += g.n_writers
+        if self.want_stack:
+            rows += g.n_writers
+        widths = self.examples.attention_mask.sum(1)
+        widths = torch.maximum(widths, self.examples.positions.max(1).values + 1)
+        total = 0
+        for part in self.parts:
+            total += len(part) * int(widths[part].max()) * d * rows * elem
+        return total / 2**20
+
+    def get(self, index: int) -> PreparedBatch:
+        """Batch ``index`` of the partition, prepared (from the cache when the plan keeps one)."""
+        if index in self._cache:
+            return self._cache[index]
+        prepared = self._prepare(self.examples.select(self.parts[index]).to(self.engine.device))
+        if self.cached:
+            self._cache[index] = prepared
+        return prepared
+
+    def epoch(self, generator: torch.Generator | None = None):
+        """Every batch once, in a shuffled order when a generator is given."""
+        order = range(len(self)) if generator is None else torch.randperm(len(self), generator=generator).tolist()
+        for i in order:
+            yield self.get(i)
+
+    @torch.no_grad()
+    def _prepare(self, batch: Examples) -> PreparedBatch:
+        eng = self.engine
+        corrupted = eng.corrupted_cache(batch.corrupted, batch.attention_mask, ablation=self.ablation)
+        if self.ablation == "interchange":
+            self.meter.forward()
+        reference = stack = None
+        if self.want_reference:
+            reference = eng.reference(batch.clean, batch.attention_mask, positions=batch.positions)
+            self.meter.forward()
+        if self.want_stack:
+            B, S = batch.clean.shape
+            stack = torch.empty(eng.graph.n_writers, B * S * eng.adapter.d_model, device=eng.device,
+                                dtype=eng.dtype)
+            eng(batch.clean, attention_mask=batch.attention_mask, positions=batch.positions,
+                ablation=self.ablation, corrupted=corrupted, stack=stack)  # fills the stack
+            self.meter.forward()
+        return PreparedBatch(batch, corrupted, reference, stack)
+
+
+def valid_float(graph, device, dtype=torch.float32) -> torch.Tensor:
+    """``graph.valid`` as a float [W, R] tensor on ``device``."""
+    return graph.valid.to(device=device, dtype=dtype)
+
+
+def check_sparsities(sparsities) -> list[float]:
+    out = []
+    for s in sparsities:
+        s = float(s)
+        if not (0.0 <= s <= 1.0) or math.isnan(s):
+            raise UserError(f"sparsity must lie in [0, 1], got {s}")
+        out.append(s)
+    return out
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar with time left (disabled when ``enabled`` is false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")

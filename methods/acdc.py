@@ -1,0 +1,170 @@
+"""ACDC: Automatic Circuit DisCovery (Conmy et al. 2023), on the masked engine.
+
+Start from the full model. Visit the readers in reverse topological order: the logits, then each
+layer from the last to the first, its MLP reader before its attention readers. A reader whose node
+(the writer it feeds) has no kept edge to a reader still connected to the output is dropped with
+all its incoming edges, without trials. Otherwise each of its incoming edges (latest writer first)
+is tentatively removed (patched to the corrupted, or zero, activation) and the task's faithfulness
+loss (KL to the full model at the scored positions, averaged over the training split) is measured;
+the edge stays removed when the loss rises by less than tau.
+
+A trial changes only one reader's inputs, so the forward pass restarts at that reader's read slot
+from the writer stack of the full model (every reader before it is still intact: readers are
+visited from the last to the first), which is kept per batch; see `MaskedModel.forward`'s
+``start_slot``/``stack``.
+
+A sweep over ``taus`` gives one circuit per tau (keyed by its realised sparsity in
+``MethodResult.circuits``; each circuit's ``scores`` hold the loss increase measured for each
+tried edge, NaN for edges never tried). ``MethodResult.scores`` ranks the edges for cutting at any
+sparsity: the edges tried in the run at the smallest tau, ordered by the loss increase measured when
+each was tried (rank / number tried, in (0, 1]), then 0 for edges never tried.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from circuitbench.circuit import Circuit
+from circuitbench.errors import UserError
+from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method
+
+from ._common import BatchPlan, progress_bar, valid_float
+
+
+@dataclass
+class ACDCConfig:
+    taus: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # thresholds on the KL increase
+    batch_size: int = 32
+    cache_mib: float = 4096.0  # corrupted caches and full-model writer stacks kept when they fit
+    per_task: dict = field(default_factory=dict)
+
+
+@register_method
+class ACDC(CircuitMethod):
+    name = "acdc"
+    description = "ACDC: greedy edge removal in reverse topological order while the KL rises by less than tau"
+    Config = ACDCConfig
+    presets = {
+        "paper": {"taus": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
+        "quick": {"taus": (1e-3,), "batch_size": 32},
+        "smoke": {"taus": (1e-3,), "batch_size": 8},
+    }
+    produces = "scores"
+
+    def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
+        cfg = self.config_for(task)
+        taus = sorted(float(t) for t in cfg.taus)
+        if not taus or any(math.isnan(t) or t < 0 for t in taus):
+            raise UserError(f"acdc needs one or more thresholds tau >= 0, got {cfg.taus}")
+        g = engine.graph
+        meter = CostMeter(engine.device)
+        with meter.phase("setup"):
+            plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed, stack=True)
+        result = MethodResult(circuits={}, info={"taus": []})
+        for i, tau in enumerate(taus):
+            with meter.phase("search"):
+                edges, increase, kl, trials = run_acdc(engine, task, plan, tau, meter, progress,
+                                                       f"acdc {i + 1}/{len(taus)} tau={tau:g}")
+            scores = increase.cpu()
+            circuit = Circuit(g, edges.cpu(), scores, meta={"method": "acdc", "tau": tau, "kl": kl})
+            result.circuits.setdefault(circuit.sparsity, circuit)
+            result.info["taus"].append({"tau": tau, "sparsity": circuit.sparsity, "n_edges": circuit.n_edges,
+                                        "kl": kl, "trials": trials})
+            result.log.append({"tau": tau, "sparsity": circuit.sparsity, "kl": kl, "trials": trials})
+            if i == 0:
+                result.scores = ranking(increase.cpu())
+        result.cost = meter.finish()
+        return result
+
+
+def ranking(increase: torch.Tensor) -> torch.Tensor:
+    """Scores from the measured loss increases: tried edges get (rank of increase + 1) / n_tried
+    (ascending, so the largest increase scores 1), never-tried edges (NaN) get 0."""
+    flat = increase.flatten()
+    tried = ~torch.isnan(flat)
+    out = torch.zeros_like(flat)
+    idx = tried.nonzero().flatten()
+    if len(idx):
+        order = idx[torch.argsort(flat[idx], stable=True)]
+        out[order] = torch.arange(1, len(idx) + 1, dtype=out.dtype) / len(idx)
+    return out.view_as(increase)
+
+
+def _mean_loss(engine, task, plan, mask, slot, meter) -> float:
+    total = 0.0
+    for prepared in plan.epoch():
+        b = prepared.batch
+        logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
+                        ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
+                        stack=prepared.stack)
+        total += float(task.loss(logits, prepared.reference, b).double().sum())
+        meter.forward()
+    return total / plan.n_examples
+
+
+def _reader_order(g):
+    """(reader, read slot) pairs in reverse topological order."""
+    out = [(g.logits_reader, 2 * g.n_layers)]
+    for l in reversed(range(g.n_layers)):
+        if g.has_mlp:
+            out.append((g.mlp_reader(l), 2 * l + 1))
+        rs = g.attn_readers(l)
+        out += [(r, 2 * l) for r in reversed(range(rs.start, rs.stop))]
+    return out
+
+
+def _reader_nodes(g, reader) -> list[int]:
+    """The writers a reader feeds (its node; a key/value group feeds every head of the group)."""
+    if reader == g.logits_reader:
+        return []
+    layer = reader // g.readers_per_layer
+    offset = reader - layer * g.readers_per_layer
+    heads = g.head_writers(layer).start
+    if offset < g.n_heads:
+        return [heads + offset]
+    if offset < g.attn_readers_per_layer:
+        group = (offset - g.n_heads) % g.kv_heads
+        per = g.n_heads // g.kv_heads
+        return [heads + group * per + i for i in range(per)]
+    return [g.mlp_writer(layer)]
+
+
+@torch.no_grad()
+def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc"):
+    """One ACDC search at threshold ``tau``. Returns (edges bool [W, R], loss increase per tried
+    edge [W, R] with NaN elsewhere, final mean loss, number of trials)."""
+    g = engine.graph
+    dev = engine.device
+    valid = g.valid.to(dev)
+    mask = valid_float(g, dev, engine.dtype)
+    increase = torch.full(mask.shape, float("nan"), device=dev)
+    reader_on = torch.zeros(g.n_readers, dtype=torch.bool, device=dev)
+    reader_on[g.logits_reader] = True
+    visible = valid.sum(0).tolist()
+    # the full model's pass refreshes every batch's writer stack and gives the starting loss
+    current = _mean_loss(engine, task, plan, mask, 0, meter)
+    trials = 0
+    bar = progress_bar(g.n_edges, desc, progress)
+    for reader, slot in _reader_order(g):
+        nodes = _reader_nodes(g, reader)
+        connected = not nodes or any(bool(((mask[w] > 0) & reader_on).any()) for w in nodes)
+        if not connected:
+            mask[:, reader] = 0.0
+            bar.update(visible[reader])
+            continue
+        reader_on[reader] = True
+        for w in reversed(range(visible[reader])):
+            mask[w, reader] = 0.0
+            loss = _mean_loss(engine, task, plan, mask, slot, meter)
+            trials += 1
+            increase[w, reader] = loss - current
+            if loss - current < tau:
+                current = loss
+            else:
+                mask[w, reader] = 1.0
+            bar.update(1)
+        bar.set_postfix(kl=f"{current:.3g}", kept=int(mask.sum()), refresh=False)
+    bar.close()
+    return (mask > 0) & valid, increase, current, trials
