@@ -317,13 +317,6 @@ class MaskedModel(torch.nn.Module):
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, latest, rows)
         return a.unembed(final.view(B, P, d))
 
-    def _writers_before_slot(self, slot: int) -> int:
-        """Writers computed before read slot ``slot`` (2l: attention of layer l, 2l+1: its MLP)."""
-        g = self.graph
-        if slot == 2 * self._L:
-            return g.n_writers
-        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.writers_before_mlp(slot // 2)
-
     def _effective_mask(self, edge_mask, node_mask):
         g = self.graph
         shape = (g.n_writers, g.n_readers)
