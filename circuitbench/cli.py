@@ -16,6 +16,8 @@ from .errors import UserError
 COMMANDS = [
     "graph",
     "bench",
+    "run",
+    "results",
     "methods",
     "tasks",
     "evaluate",

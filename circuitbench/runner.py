@@ -1,0 +1,680 @@
+"""The runner: executes a sweep's jobs and records them in the results store.
+
+`run_sweep` plans the jobs (`circuitbench.sweep`), validates everything a user can get wrong
+before any work starts, skips what the store already holds, and executes the rest:
+
+- **Units of work.** A *job* unit discovers a circuit (or scores) with one method, cuts it at
+  the job's sparsities and evaluates every circuit on the task's test split with all its metrics
+  (`circuitbench.evaluate`). A *reference* unit evaluates the full model and the empty circuit
+  once per task/model/test split. An *extend* unit adds sparsities to a complete score-based job
+  by cutting its stored scores (no rediscovery).
+- **Recording.** Units return their results to this process, which writes them (circuit files,
+  then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
+  rerun of the same command skips every complete job (jobs are identified by a hash of their
+  configuration). A job that raises is recorded as failed with its error and retried on rerun.
+- **Execution** goes through joblib: in this process by default (joblib's sequential backend),
+  ``jobs=N`` local worker processes (loky), or ``backend="dask"``/``"ray"`` to an existing
+  cluster through joblib's backends (optional extras). Jobs timed on a GPU run one at a time so
+  their runtimes are comparable: with a CUDA device, local execution uses one worker.
+- **Progress**: a bar over units with time left; in this process the methods show their own bar
+  (steps, trials, batches) within the job.
+
+`estimate_plan` gives the time estimate printed by ``--dry-run``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+from .store import ResultsStore, check_writable, now_iso, run_id_for
+from .sweep import Job, Reference, Sweep
+
+BACKENDS = ("local", "dask", "ray")
+
+
+# ---- units of work ----------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    """One piece of work for a worker: ``kind`` is "job", "extend" or "reference"."""
+
+    kind: str
+    job: Job | None = None
+    reference: Reference | None = None
+    sparsities: tuple[float, ...] = ()  # "extend": the sparsities still missing
+    scores: np.ndarray | None = None  # "extend": the stored scores to cut
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None  # torch threads in a worker process (None: leave as is)
+    progress: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.kind == "reference":
+            r = self.reference
+            return f"references {r.task} {r.model}"
+        extra = f" (+{len(self.sparsities)} sparsities from stored scores)" if self.kind == "extend" else ""
+        return self.job.label + extra
+
+
+@dataclass
+class RunSummary:
+    """What a `run_sweep` call planned and did."""
+
+    planned_jobs: int = 0
+    skipped_jobs: int = 0
+    executed: int = 0
+    recorded_jobs: int = 0
+    failed_jobs: list[str] = field(default_factory=list)
+    references: int = 0
+    wall_s: float = 0.0
+    estimate_s: float = 0.0
+    dry_run: bool = False
+
+
+# ---- per-process caches (a worker keeps one model and its engine between units) --------------------
+_LOADED: dict = {}
+
+
+def _model_and_engine(spec: str, device: str, dtype: str):
+    from .engine import MaskedModel
+    from .models import load_model
+
+    key = (spec, device, dtype)
+    if key not in _LOADED:
+        _LOADED.clear()  # one model in memory at a time
+        model = load_model(spec, device=device, dtype=dtype)
+        _LOADED[key] = (model, MaskedModel(model))
+    return _LOADED[key]
+
+
+def library_versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "circuitbench": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _graph_dict(graph) -> dict:
+    return {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
+            "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
+
+
+def _evaluate(model, task, circuit, job_or_ref, progress, references=False):
+    """Every metric of ``task`` for ``circuit`` on the test split; returns (metrics, n_examples)."""
+    from .evaluate import evaluate
+
+    values = evaluate(model, task, circuit, split="test", batch_size=job_or_ref.eval_batch_size,
+                      limit=job_or_ref.eval_limit, seed=job_or_ref.data_seed, progress=progress,
+                      references=references)
+    n = int(values.pop("n_examples"))
+    return {k: float(v) for k, v in values.items()}, n
+
+
+def _run_records(job: Job, circuits: dict, model, task, progress: bool):
+    """Evaluate each circuit; returns (runs, metrics, circuit dicts)."""
+    runs, metrics, files = [], {}, {}
+    graph = model.graph
+    for s in sorted(circuits):
+        circuit = circuits[s]
+        if circuit.graph != graph:
+            raise RuntimeError(f"the method returned a circuit over a different graph at sparsity {s}")
+        run_id = run_id_for(job.job_id, s)
+        t0 = time.perf_counter()
+        values, n_examples = _evaluate(model, task, circuit, job, progress)
+        metrics[run_id] = {"test": values}
+        eval_s = time.perf_counter() - t0
+        data = circuit.to_dict()
+        data.pop("scores", None)  # scores are stored once per job, not per circuit
+        data["meta"] = {**data.get("meta", {}), "job_id": job.job_id, "run_id": run_id, "method": job.method,
+                        "task": job.task, "model": job.model, "target_sparsity": s}
+        files[run_id] = data
+        runs.append({"run_id": run_id, "job_id": job.job_id, "target_sparsity": float(s),
+                     "sparsity": float(circuit.sparsity), "n_edges": int(circuit.n_edges),
+                     "total_edges": int(graph.n_edges), "n_nodes": len(circuit.nodes),
+                     "n_examples": n_examples, "eval_s": eval_s, "finished_at": now_iso()})
+    return runs, metrics, files
+
+
+def execute(unit: Unit) -> dict:
+    """Run one unit (in whichever process joblib chose) and return what the parent records."""
+    import torch
+
+    if unit.threads:
+        torch.set_num_threads(unit.threads)
+    if unit.kind == "reference":
+        return _execute_reference(unit)
+    job = unit.job
+    record = {"job_id": job.job_id, "config": job.config, "method": job.method,
+              "method_preset": job.method_preset, "method_config": job.method_config, "task": job.task,
+              "model": job.model, "dtype": job.dtype, "n_train": job.n_train, "n_validation": job.n_validation,
+              "data_seed": job.data_seed, "seed": job.seed, "target_sparsity": job.target_sparsity,
+              "device": unit.device, "threads": torch.get_num_threads(), "host": socket.gethostname(),
+              "started_at": now_iso()}
+    try:
+        record["device_name"] = device_name(unit.device)
+        record["versions"] = library_versions()
+        if unit.kind == "extend":
+            return _execute_extend(unit, record)
+        return _execute_job(unit, record)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # one failing job must not take the sweep down; the error is recorded
+        tb = traceback.extract_tb(err.__traceback__)
+        where = f" (at {tb[-1].filename.rsplit(os.sep, 1)[-1]}:{tb[-1].lineno})" if tb else ""
+        record["finished_at"] = now_iso()
+        return {"kind": "failed", "job": record, "error": f"{type(err).__name__}: {err}{where}"}
+
+
+def _execute_job(unit: Unit, record: dict) -> dict:
+    import torch
+
+    from .method import circuits_at, get_method
+    from .tasks import get_task
+
+    job = unit.job
+    harness = {}
+    t0 = time.perf_counter()
+    model, engine = _model_and_engine(job.model, unit.device, unit.dtype)
+    harness["load_model"] = time.perf_counter() - t0
+    task = get_task(job.task)
+    t0 = time.perf_counter()
+    sizes = {"validation": job.n_validation} if job.n_validation is not None else None
+    splits = task.build(model.tokenizer, seed=job.data_seed, n_train=job.n_train, sizes=sizes)
+    train = splits.train.to(model.device)
+    validation = splits.validation.to(model.device)
+    harness["build_data"] = time.perf_counter() - t0
+    method = get_method(job.method)(preset=job.method_preset, **job.method_overrides)
+    torch.manual_seed(job.seed)  # anything left on the global RNG is seeded too
+    result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
+                             progress=unit.progress)
+    circuits = circuits_at(result, model.graph, job.sparsities)
+    runs, metrics, files = _run_records(job, circuits, model, task, unit.progress)
+    cost = result.cost
+    scores = None
+    if result.scores is not None:
+        scores = result.scores.detach().float().cpu().masked_fill(~model.graph.valid, float("nan")).numpy()
+    record.update(wall_s=dict(cost.wall_s), wall_total_s=float(sum(cost.wall_s.values())),
+                  forward_passes=int(cost.forward_passes), backward_passes=int(cost.backward_passes),
+                  peak_memory_mib=cost.peak_memory_mib, graph=_graph_dict(model.graph),
+                  log=list(result.log), info={**dict(result.info), "harness_s": harness,
+                                               "n_train_built": len(train), "n_validation_built": len(validation),
+                                               "data_variant": splits.variant},
+                  finished_at=now_iso())
+    return {"kind": "job", "job": record, "runs": runs, "metrics": metrics, "circuits": files, "scores": scores}
+
+
+def _execute_extend(unit: Unit, record: dict) -> dict:
+    import torch
+
+    from .circuit import Circuit
+    from .tasks import get_task
+
+    job = unit.job
+    model, _ = _model_and_engine(job.model, unit.device, unit.dtype)
+    task = get_task(job.task)
+    scores = torch.from_numpy(np.nan_to_num(unit.scores, nan=0.0))
+    circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"})
+                for s in unit.sparsities}
+    runs, metrics, files = _run_records(job, circuits, model, task, unit.progress)
+    return {"kind": "extend", "job": record, "runs": runs, "metrics": metrics, "circuits": files}
+
+
+def _execute_reference(unit: Unit) -> dict:
+    from .circuit import Circuit
+    from .tasks import get_task
+
+    ref = unit.reference
+    model, _ = _model_and_engine(ref.model, unit.device, unit.dtype)
+    task = get_task(ref.task)
+    # The empty circuit with references: its own values and the full model's, on the same batches.
+    values, _ = _evaluate(model, task, Circuit.empty(model.graph), ref, unit.progress, references=True)
+    split = {"full": {k[5:]: v for k, v in values.items() if k.startswith("full/")},
+             "empty": {k[6:]: v for k, v in values.items() if k.startswith("empty/")}}
+    return {"kind": "reference", "reference": ref, "values": {"test": split}}
+
+
+# ---- validation before any work ------------------------------------------------------------------------
+def check_model_spec(spec: str) -> None:
+    """Raise `UserError` for a model spec that cannot be loaded, without loading any weights."""
+    from . import models
+
+    if spec.startswith("random:"):
+        if spec.split(":", 1)[1] not in models.RANDOM_SHAPES:
+            raise UserError(f"unknown model {spec!r}; random models: "
+                            f"{', '.join('random:' + n for n in models.RANDOM_SHAPES)}")
+        return
+    if spec.startswith("tracr:"):
+        if spec.split(":", 1)[1] not in models.TRACR_PROGRAMS:
+            raise UserError(f"unknown model {spec!r}; Tracr programs: "
+                            f"{', '.join('tracr:' + n for n in models.TRACR_PROGRAMS)}")
+        return
+    if spec in models.EMBEDDED:
+        return
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"model folder {spec!r} has no config.json")
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(spec, local_files_only=True)
+        return
+    except Exception:
+        pass
+    if spec.startswith((".", "/", "~")):
+        raise UserError(f"unknown model {spec!r}: no such folder")
+    if not models._hub_reachable():
+        raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
+                        f"({', '.join(models.EMBEDDED)}), not in the Hugging Face cache, and the hub "
+                        f"cannot be reached")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(spec)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"unknown model {spec!r}: {first}") from None
+
+
+def _backend_context(backend: str, cluster: str | None):
+    """joblib's parallel_config for a cluster backend, or a clear error when its extra is missing."""
+    from joblib import parallel_config
+
+    if backend == "dask":
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise UserError("--backend dask needs Dask: pip install 'circuitbench[dask]'") from None
+        client = Client(cluster) if cluster else Client()
+        print(f"dask: {'connected to ' + cluster if cluster else 'started a local cluster'} "
+              f"({client.dashboard_link})", file=sys.stderr)
+        return parallel_config(backend="dask")
+    if backend == "ray":
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise UserError("--backend ray needs Ray: pip install 'circuitbench[ray]'") from None
+        try:
+            ray.init(address=cluster or "auto", ignore_reinit_error=True)
+        except Exception as err:  # ray raises ConnectionError / RuntimeError when no cluster runs
+            raise UserError(f"--backend ray: cannot connect to a Ray cluster at {cluster or 'auto'} ({err})") from None
+        register_ray()
+        return parallel_config(backend="ray")
+    raise AssertionError(backend)
+
+
+# ---- planning -------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    jobs: list[Job]
+    references: list[Reference]
+    units: list[Unit]
+    skipped: list[Job]
+    device: str
+    dtype: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
+    """Expand the sweep and check every name and model; returns (jobs, references, warnings).
+    ``strict``: a model that cannot be loaded is an error (a dry run only warns, so the plan of
+    a sweep meant for another machine can still be shown)."""
+    jobs, refs = sweep.plan(device=device.split(":")[0], dtype=dtype)
+    warnings = []
+    for model in sorted({j.model for j in jobs} | {r.model for r in refs}):
+        try:
+            check_model_spec(model)
+        except UserError as err:
+            if strict:
+                raise
+            warnings.append(f"warning: {err}")
+    return jobs, refs, warnings
+
+
+def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None, device: str, dtype: str,
+              progress: bool, threads: int | None, warnings=()) -> Plan:
+    """The units still to run: what the store (None: an empty one) does not hold yet."""
+    status = store.job_status([j.job_id for j in jobs]) if store else {}
+    units, skipped = [], []
+    for ref in refs:
+        if store is None or not store.has_references(ref.ref_id):
+            units.append(Unit("reference", reference=ref, device=device, dtype=dtype, threads=threads,
+                              progress=progress))
+    for job in jobs:
+        if status.get(job.job_id) != "complete":
+            units.append(Unit("job", job=job, device=device, dtype=dtype, threads=threads, progress=progress))
+            continue
+        have = store.run_sparsities(job.job_id)
+        missing = tuple(s for s in job.sparsities if not any(math.isclose(s, h, abs_tol=1e-9) for h in have))
+        if not missing:
+            skipped.append(job)
+            continue
+        scores = store.scores(job.job_id)
+        if scores is None:
+            raise UserError(f"job {job.job_id} ({job.label}) is complete but lacks sparsities "
+                            f"{', '.join(f'{s:g}' for s in missing)} and has no stored scores to cut")
+        units.append(Unit("extend", job=job, sparsities=missing, scores=scores, device=device, dtype=dtype,
+                          threads=threads, progress=progress))
+    return Plan(jobs, refs, units, skipped, device, dtype, list(warnings))
+
+
+# ---- time estimate ----------------------------------------------------------------------------------------
+# Seconds per masked forward pass over a batch of 32 short prompts (~20 tokens) on one core of
+# this project's 2-core CPU machine, measured with `circuitbench bench engine`-style timing; a
+# backward pass counts as two forwards. Used when the store has no measurement of its own.
+ASSUMED_FORWARD_S = {"random:gpt2-tiny": 0.004, "random:llama-tiny": 0.005, "tracr:xproportion": 0.001,
+                     "tracr:reverse": 0.001, "random:gpt2-small": 0.35, "gpt2": 0.35, "smollm2-135m": 0.6}
+ASSUMED_FORWARD_S_UNKNOWN = 1.0
+ASSUMED_GPU_SPEEDUP = 20.0
+
+
+def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, str]:
+    """(forward, backward) passes over a batch a job is expected to make, and how that was found.
+
+    A method may declare ``planned_passes(config: dict, n_train: int, n_edges: int | None,
+    n_sparsities: int) -> (forward, backward)``; otherwise the count comes from its
+    hyperparameters: a circuit-training method's ``steps`` (one forward and one backward each);
+    ``taus`` (greedy search such as ACDC: at most one forward per edge and training batch per
+    threshold, an upper bound); else one forward and backward per training batch, times
+    ``steps`` points on the path for integrated gradients.
+    """
+    from .method import get_method
+
+    cls = get_method(job.method)
+    cfg = job.method_config
+    n_sp = 1 if job.target_sparsity is not None else len(job.sparsities)
+    hook = getattr(cls, "planned_passes", None)
+    if callable(hook):
+        fwd, bwd = hook(cfg, job.n_train, n_edges, n_sp)
+        return float(fwd), float(bwd), "method's own count"
+    batch = int(cfg.get("batch_size") or 32)
+    batches = math.ceil(job.n_train / batch)
+    if cls.produces == "circuits" and cfg.get("steps"):  # gradient training, one run per target
+        return float(cfg["steps"]), float(cfg["steps"]), f"{cfg['steps']} steps"
+    if cfg.get("taus") or cfg.get("tau") is not None:  # greedy search: at most one trial per edge
+        n_taus = len(cfg["taus"]) if cfg.get("taus") else 1
+        edges = n_edges or 1000
+        return float(n_taus * edges * batches), 0.0, f"<= {n_taus} taus x {edges} edges x {batches} batches"
+    reps = int(cfg.get("steps") or 1)  # integrated gradients: one pass per point on the path
+    what = f"{batches} batches" + (f" x {reps} IG steps" if reps > 1 else "")
+    return float(batches * reps), float(batches * reps), what
+
+
+def estimate_plan(plan: Plan, store: ResultsStore | None) -> tuple[float, list[tuple[Unit, float, str]]]:
+    """Estimated seconds per unit and in total.
+
+    Per job: the mean measured wall time of stored jobs with the same method configuration, task,
+    model, n_train and device when there are some ("measured"); else planned passes (see
+    `planned_passes`) x seconds per pass, the latter measured from stored jobs on the same model
+    and device (their wall time over their forward + 2 x backward passes) or assumed from
+    `ASSUMED_FORWARD_S` (scaled by batch size / 32, divided by `ASSUMED_GPU_SPEEDUP` on a GPU).
+    Evaluation adds one forward pass per test batch and circuit (the test size is the task's,
+    capped by eval_limit).
+    """
+    measured_jobs, per_pass = {}, {}
+    if store is not None:
+        df = store.runs()
+        if len(df):
+            df = df.drop_duplicates("job_id")
+            for _, row in df.iterrows():
+                cfg = json.loads(row["config"])
+                key = (row["method"], json.dumps(cfg.get("method_config"), sort_keys=True), row["task"],
+                       row["model"], row["n_train"], row["device"].split(":")[0])
+                measured_jobs.setdefault(key, []).append(float(row["wall_total_s"]))
+                fe = (row["forward_passes"] or 0) + 2 * (row["backward_passes"] or 0)
+                if fe > 0:
+                    batch = int(cfg.get("method_config", {}).get("batch_size") or 32)
+                    pk = (row["model"], row["device"].split(":")[0])
+                    per_pass.setdefault(pk, []).append(float(row["wall_total_s"]) / fe * 32 / batch)
+    from .tasks import get_task
+
+    out, total = [], 0.0
+    n_edges_cache: dict[str, int | None] = {}
+    for unit in plan.units:
+        job_or_ref = unit.job if unit.job is not None else unit.reference
+        model, dev = job_or_ref.model, plan.device.split(":")[0]
+        if (model, dev) in per_pass:
+            fwd_s = float(np.median(per_pass[(model, dev)]))
+            basis = "measured step time"
+        else:
+            fwd_s = ASSUMED_FORWARD_S.get(model, ASSUMED_FORWARD_S_UNKNOWN)
+            if dev == "cuda":
+                fwd_s /= ASSUMED_GPU_SPEEDUP
+            basis = "assumed step time"
+        task = get_task(job_or_ref.task)
+        n_test = int(task.sizes.get("test", 0))
+        if job_or_ref.eval_limit is not None:
+            n_test = min(n_test, job_or_ref.eval_limit)
+        eval_forward = math.ceil(n_test / job_or_ref.eval_batch_size) * (job_or_ref.eval_batch_size / 32)
+        if unit.kind == "reference":
+            secs = 2 * eval_forward * fwd_s
+            how = f"2 evaluations ({basis})"
+        else:
+            job = unit.job
+            n_circuits = len(unit.sparsities) if unit.kind == "extend" else len(job.sparsities)
+            secs = n_circuits * eval_forward * fwd_s
+            key = (job.method, json.dumps(job.method_config, sort_keys=True), job.task,
+                   job.model, job.n_train, dev)
+            if unit.kind == "extend":
+                how = f"{n_circuits} evaluation{'s' if n_circuits > 1 else ''} ({basis})"
+            elif key in measured_jobs:
+                secs += float(np.mean(measured_jobs[key]))
+                how = f"measured ({len(measured_jobs[key])} stored jobs)"
+            else:
+                if model not in n_edges_cache:
+                    n_edges_cache[model] = _edges_of(model)
+                fwd, bwd, what = planned_passes(job, n_edges_cache[model])
+                batch = int(job.method_config.get("batch_size") or 32)
+                secs += (fwd + 2 * bwd) * fwd_s * batch / 32
+                how = f"{what} x {basis}"
+        out.append((unit, secs, how))
+        total += secs
+    return total, out
+
+
+def _edges_of(model: str) -> int | None:
+    """Edge count of a model's graph when it is known without loading weights."""
+    from . import models
+    from .graph import Graph
+
+    if model.startswith("random:"):
+        _, kw = models.RANDOM_SHAPES[model.split(":", 1)[1]]
+        layers = kw.get("n_layer", kw.get("num_hidden_layers"))
+        heads = kw.get("n_head", kw.get("num_attention_heads"))
+        return Graph(layers, heads, kw.get("num_key_value_heads")).n_edges
+    known = {"gpt2": Graph(12, 12), "smollm2-135m": Graph(30, 9, 3)}
+    return known[model].n_edges if model in known else None
+
+
+def format_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# ---- the main entry point ---------------------------------------------------------------------------------
+def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = None, dtype: str | None = None,
+              jobs: int | None = None, backend: str | None = None, cluster: str | None = None,
+              dry_run: bool = False, progress: bool = True, out=None) -> RunSummary:
+    """Plan, validate and run ``sweep`` into the results folder; see the module docstring.
+
+    Arguments left None come from the sweep's settings (preset / file / defaults). ``out`` is a
+    file for the plan and messages (default stdout). Raises `UserError` before any work for bad
+    input; returns a `RunSummary`.
+    """
+    from .models import resolve_device, resolve_dtype
+
+    out = out or sys.stdout
+    t_start = time.perf_counter()
+    results = results or sweep.get("results")
+    device = device or sweep.get("device") or "cpu"
+    dtype_name = dtype or sweep.get("dtype") or "float32"
+    n_jobs = int(jobs if jobs is not None else sweep.get("jobs"))
+    backend = backend or sweep.get("backend")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if n_jobs < 1 and n_jobs != -1:
+        raise UserError(f"--jobs must be a positive number of workers (or -1 for one per core), got {n_jobs}")
+    dev = str(resolve_device(device))
+    dtype_name = str(resolve_dtype(dtype_name)).replace("torch.", "")
+    jobs_planned, refs_planned, warnings = validate(sweep, dev, dtype_name, strict=not dry_run)
+    if not dry_run:
+        check_writable(results)
+    store = ResultsStore(results) if (not dry_run or os.path.exists(os.path.join(results, "results.db"))) else None
+
+    workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
+    if dev.startswith("cuda") and backend == "local" and workers > 1:
+        print(f"note: jobs on {dev} run one at a time so their runtimes are comparable (--jobs {n_jobs} ignored)",
+              file=sys.stderr)
+        workers = 1
+    threads = None
+    if backend == "local" and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    in_process = backend == "local" and workers == 1
+    plan = make_plan(jobs_planned, refs_planned, store, dev, dtype_name, progress and in_process, threads, warnings)
+    summary = RunSummary(planned_jobs=len(plan.jobs), skipped_jobs=len(plan.skipped), dry_run=dry_run)
+
+    if dry_run:
+        try:
+            total, per_unit = estimate_plan(plan, store)
+        finally:
+            if store is not None:
+                store.close()
+        summary.estimate_s = total
+        _print_plan(sweep, plan, per_unit, total, results, dev, workers, backend, out)
+        return summary
+
+    print(f"{len(plan.jobs)} jobs planned, {len(plan.skipped)} already complete in {results}; "
+          f"{len(plan.units)} units to run on {dev} ({'in this process' if in_process else f'{workers} workers, {backend}'})",
+          file=out, flush=True)
+    if not plan.units:
+        store.close()
+        return summary
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    ctx = _backend_context(backend, cluster) if backend != "local" else None
+    try:
+        if ctx is not None:
+            ctx.__enter__()
+        parallel = Parallel(n_jobs=1 if in_process else (workers if backend == "local" else -1),
+                            backend=None if backend != "local" else ("sequential" if in_process else "loky"),
+                            return_as="generator_unordered", pre_dispatch="n_jobs" if not in_process else 1)
+        with tqdm(total=len(plan.units), desc="jobs", unit="job", disable=not progress, position=0,
+                  dynamic_ncols=True) as bar:
+            for result in parallel(delayed(execute)(u) for u in plan.units):
+                _record(store, result, summary, bar)
+                bar.update(1)
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        store.close()
+    summary.wall_s = time.perf_counter() - t_start
+    done = f"{summary.recorded_jobs} jobs recorded, {summary.references} reference sets"
+    if summary.failed_jobs:
+        done += f", {len(summary.failed_jobs)} failed (rerun to retry)"
+    print(f"{done}; {format_seconds(summary.wall_s)}", file=out, flush=True)
+    return summary
+
+
+def _record(store: ResultsStore, result: dict, summary: RunSummary, bar) -> None:
+    from tqdm.auto import tqdm
+
+    summary.executed += 1
+    kind = result["kind"]
+    if kind == "reference":
+        if store.record_references(_ref_dict(result["reference"]), result["values"]):
+            summary.references += 1
+        return
+    job = result["job"]
+    label = f"{job['method']} {job['task']} {job['model']} seed={job['seed']}"
+    if kind == "failed":
+        store.record_failure(job, result["error"])
+        summary.failed_jobs.append(job["job_id"])
+        tqdm.write(f"job {job['job_id']} ({label}) failed: {result['error']}", file=sys.stderr)
+        return
+    if kind == "extend":
+        store.add_runs(job["job_id"], result["runs"], result["metrics"], result["circuits"])
+        summary.recorded_jobs += 1
+        return
+    if store.record_job(job, result["runs"], result["metrics"], result["circuits"], result.get("scores")):
+        summary.recorded_jobs += 1
+    bar.set_postfix_str(f"last: {label}", refresh=False)
+
+
+def _ref_dict(ref: Reference) -> dict:
+    return {"ref_id": ref.ref_id, "task": ref.task, "model": ref.model, "dtype": ref.dtype, "device": ref.device,
+            "data_seed": ref.data_seed, "eval_limit": ref.eval_limit}
+
+
+def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, backend, out) -> None:
+    print(f"sweep: {sweep.describe()}", file=out)
+    for line in plan.warnings:
+        print(line, file=out)
+    print(f"results: {results}   device: {device}   dtype: {plan.dtype}   execution: "
+          f"{'in this process' if workers == 1 and backend == 'local' else f'{workers} workers ({backend})'}",
+          file=out)
+    print(f"{len(plan.jobs)} jobs planned; {len(plan.skipped)} already complete; "
+          f"{len(plan.units)} units to run (dry run: nothing is run)", file=out)
+    rows = []
+    for unit, secs, how in per_unit:
+        if unit.kind == "reference":
+            r = unit.reference
+            rows.append(("reference", "-", r.task, r.model, "-", "-", "full, empty", "-", secs, how))
+        else:
+            j = unit.job
+            sp = ",".join(f"{s:g}" for s in (unit.sparsities if unit.kind == "extend" else j.sparsities))
+            rows.append((unit.kind, j.method, j.task, j.model, str(j.n_train), str(j.seed), sp,
+                         j.job_id, secs, how))
+    headers = ("unit", "method", "task", "model", "n_train", "seed", "sparsities", "job id", "est.", "estimate basis")
+    text_rows = [tuple(str(c) for c in r[:8]) + (format_seconds(r[8]), r[9]) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h) for i, h in enumerate(headers)]
+    widths[6] = min(widths[6], 40)
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
+    print(line, file=out)
+    for r in text_rows:
+        cells = list(r)
+        if len(cells[6]) > 40:
+            cells[6] = cells[6][:37] + "..."
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), file=out)
+    par = workers if backend == "local" else 1
+    print(f"estimated time: {format_seconds(total / max(par, 1))}"
+          + (f" ({format_seconds(total)} of work over {par} workers)" if par > 1 else "")
+          + ". Estimate = per job, planned passes x seconds per pass (measured from this store's earlier "
+            "jobs on the same model and device when it has some, otherwise assumed for a 2-core CPU), "
+            "plus one forward pass per test batch per circuit; jobs with the same configuration "
+            "already in the store use their measured time.", file=out)

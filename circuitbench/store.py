@@ -1,0 +1,576 @@
+"""The results store: an SQLite database plus circuit files, in one results folder.
+
+Layout of a results folder (default ``results/``)::
+
+    results.db                  SQLite database (WAL journal), schema below
+    circuits/<run_id>.json      each evaluated circuit, native circuitbench JSON (no scores)
+    scores/<job_id>.npy         the edge scores of a score-based job (float32 [W, R], NaN = no edge),
+                                kept so a larger sparsity grid later cuts them without rediscovery
+
+Vocabulary: a **job** is one discovery: method x task x model x n_train x seed (x target sparsity
+for methods that train one circuit per target, such as Edge Pruning). A **run** is one circuit a
+job produced and its evaluation: score-based jobs (EAP, ACDC) have one run per sparsity of the
+sweep, the others exactly one. Every run is evaluated on the task's test split.
+
+Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
+
+    jobs                       one row per job
+      job_id TEXT PRIMARY KEY  16 hex digits of sha256(config)
+      config TEXT              canonical JSON of everything that defines the job (what is hashed)
+      method, method_preset, task, model, dtype TEXT; n_train, n_validation, data_seed, seed INTEGER
+      method_config TEXT       JSON of the method's resolved hyperparameters (per-task entries applied)
+      target_sparsity REAL     the trained-for target (circuit methods); NULL for score methods
+      status TEXT              'complete' or 'failed' (a job in flight has no row)
+      error TEXT               the failure's message ('failed' only)
+      wall_s TEXT              JSON {phase: seconds} of the discovery; wall_total_s REAL their sum
+      forward_passes, backward_passes INTEGER; peak_memory_mib REAL (NULL: not measurable)
+      device TEXT ('cpu', 'cuda:0'), device_name TEXT (CPU model / GPU name), threads INTEGER
+      host TEXT; versions TEXT (JSON: python, circuitbench, torch, transformers, ...)
+      graph TEXT               JSON {"layers", "heads", "kv_heads", "n_kv_heads", "has_mlp", "edges"}
+      scores_file TEXT         relative path of the scores file, or NULL
+      log TEXT, info TEXT      JSON: the method's log (training curve ...) and facts (MethodResult)
+      started_at, finished_at TEXT (ISO 8601, UTC)
+
+    runs                       one row per evaluated circuit of a complete job
+      run_id TEXT PRIMARY KEY  '<job_id>-s<target sparsity>'
+      job_id TEXT              -> jobs.job_id
+      target_sparsity REAL     the sweep's sparsity; sparsity REAL the realised 1 - edges/total_edges
+      n_edges, total_edges, n_nodes INTEGER
+      circuit_file TEXT        relative path of the circuit JSON
+      n_examples INTEGER       test examples it was evaluated on
+      eval_s REAL              wall time of its evaluation; finished_at TEXT
+
+    metrics                    (run_id, split, metric) PRIMARY KEY; value REAL
+                               every metric of the task, mean over the split's examples
+
+    reference_metrics          the full model and the empty circuit, once per test split
+      ref_id TEXT              16 hex digits of sha256 of (task, model, dtype, device, data_seed, eval_limit)
+      task, model, dtype, device TEXT; data_seed, eval_limit INTEGER (NULL = whole split)
+      split TEXT, circuit TEXT ('full' or 'empty'), metric TEXT, value REAL, created_at TEXT
+      PRIMARY KEY (ref_id, split, circuit, metric)
+
+Guarantees. A job's row, its runs and all their metrics are written in one transaction, after
+its circuit files are on disk (each written to a temporary name, flushed and renamed), so a
+crash or ``kill -9`` at any moment leaves either the whole job or nothing of it. Writes use
+``BEGIN IMMEDIATE`` with a busy timeout on a WAL-journalled database, so several processes can
+record into one store at once without losing a row; a job already recorded complete is never
+recorded twice (the second writer's copy is dropped). The query methods return pandas
+DataFrames for the report: `ResultsStore.runs`, `ResultsStore.metrics`,
+`ResultsStore.reference_metrics`; `ResultsStore.circuit` loads a stored circuit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+DB_NAME = "results.db"
+BUSY_TIMEOUT_S = 120.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    method TEXT NOT NULL,
+    method_preset TEXT,
+    method_config TEXT,
+    task TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dtype TEXT,
+    n_train INTEGER,
+    n_validation INTEGER,
+    data_seed INTEGER,
+    seed INTEGER,
+    target_sparsity REAL,
+    status TEXT NOT NULL CHECK (status IN ('complete', 'failed')),
+    error TEXT,
+    wall_s TEXT,
+    wall_total_s REAL,
+    forward_passes INTEGER,
+    backward_passes INTEGER,
+    peak_memory_mib REAL,
+    device TEXT,
+    device_name TEXT,
+    threads INTEGER,
+    host TEXT,
+    versions TEXT,
+    graph TEXT,
+    scores_file TEXT,
+    log TEXT,
+    info TEXT,
+    started_at TEXT,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs(job_id) ON DELETE CASCADE,
+    target_sparsity REAL NOT NULL,
+    sparsity REAL NOT NULL,
+    n_edges INTEGER NOT NULL,
+    total_edges INTEGER NOT NULL,
+    n_nodes INTEGER,
+    circuit_file TEXT NOT NULL,
+    n_examples INTEGER,
+    eval_s REAL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs(job_id);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, split, metric)
+);
+CREATE TABLE IF NOT EXISTS reference_metrics (
+    ref_id TEXT NOT NULL,
+    task TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dtype TEXT,
+    device TEXT,
+    data_seed INTEGER,
+    eval_limit INTEGER,
+    split TEXT NOT NULL,
+    circuit TEXT NOT NULL CHECK (circuit IN ('full', 'empty')),
+    metric TEXT NOT NULL,
+    value REAL,
+    created_at TEXT,
+    PRIMARY KEY (ref_id, split, circuit, metric)
+);
+"""
+
+# Columns of `jobs` copied verbatim from a job record (`record_job`'s ``job`` argument).
+JOB_FIELDS = ("job_id", "config", "method", "method_preset", "method_config", "task", "model", "dtype",
+              "n_train", "n_validation", "data_seed", "seed", "target_sparsity", "wall_s",
+              "wall_total_s", "forward_passes", "backward_passes", "peak_memory_mib", "device",
+              "device_name", "threads", "host", "versions", "graph", "log", "info", "started_at",
+              "finished_at")
+RUN_FIELDS = ("run_id", "job_id", "target_sparsity", "sparsity", "n_edges", "total_edges", "n_nodes",
+              "circuit_file", "n_examples", "eval_s", "finished_at")
+JSON_FIELDS = ("config", "method_config", "wall_s", "versions", "graph", "log", "info")
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_id_for(job_id: str, target_sparsity: float) -> str:
+    """The run id of ``job_id``'s circuit at ``target_sparsity`` (stable text, safe as a file name)."""
+    return f"{job_id}-s{float(target_sparsity):.6g}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _json(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _finite(value):
+    """SQLite stores NaN as NULL; keep infinities as they are."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+class ResultsStore:
+    """The results folder ``path`` (or a path to its ``results.db``); created on first use."""
+
+    def __init__(self, path, create: bool = True):
+        path = Path(path)
+        if path.suffix == ".db":
+            self.root, self.db_path = path.parent, path
+        else:
+            self.root, self.db_path = path, path / DB_NAME
+        if not create and not self.db_path.exists():
+            raise UserError(f"no results store at {self.root} (no {DB_NAME}); run `circuitbench run` first")
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create the results folder {self.root}: {err.strerror}") from None
+        self._conn: sqlite3.Connection | None = None
+        self._pid = None
+        self._connect()
+
+    # ---- connection -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # A connection must not cross a fork: reconnect in a child process.
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            raise UserError(f"cannot open the results store {self.db_path}: {err}") from None
+        except sqlite3.DatabaseError as err:
+            raise UserError(f"{self.db_path} is not a circuitbench results database: {err}") from None
+        if mode.lower() != "wal":
+            raise UserError(f"cannot put {self.db_path} in WAL mode (got {mode!r}); is the folder on a "
+                            f"file system without shared-memory support?")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._conn, self._pid = conn, os.getpid()
+        self._ensure_schema()
+        return conn
+
+    def _ensure_schema(self) -> None:
+        conn = self._conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{self.db_path} has store schema {version}; this circuitbench reads "
+                            f"{SCHEMA_VERSION}: upgrade circuitbench")
+        with self._write():
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                # one statement at a time: executescript would commit the open transaction first
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front so concurrent
+        writers queue on the busy timeout instead of failing when a read upgrades to a write."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    def __getstate__(self):
+        return {"root": self.root, "db_path": self.db_path}
+
+    def __setstate__(self, state):
+        self.root, self.db_path = state["root"], state["db_path"]
+        self._conn, self._pid = None, None
+
+    def __repr__(self) -> str:
+        return f"ResultsStore({str(self.root)!r})"
+
+    # ---- state queries used by the runner ---------------------------------------------------------
+    def job_status(self, job_ids: Iterable[str] | None = None) -> dict[str, str]:
+        """``{job_id: status}`` for the given jobs (all stored jobs when None); unknown ids are absent."""
+        conn = self._connect()
+        if job_ids is None:
+            return dict(conn.execute("SELECT job_id, status FROM jobs"))
+        ids = list(job_ids)
+        out = {}
+        for i in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+            chunk = ids[i:i + 500]
+            q = f"SELECT job_id, status FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))})"
+            out.update(conn.execute(q, chunk))
+        return out
+
+    def run_sparsities(self, job_id: str) -> set[float]:
+        """The target sparsities already evaluated for a job."""
+        rows = self._connect().execute("SELECT target_sparsity FROM runs WHERE job_id = ?", (job_id,))
+        return {float(r[0]) for r in rows}
+
+    def scores(self, job_id: str) -> np.ndarray | None:
+        """The stored edge scores of a score-based job, or None."""
+        row = self._connect().execute("SELECT scores_file FROM jobs WHERE job_id = ? AND status = 'complete'",
+                                      (job_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        path = self.root / row[0]
+        return np.load(path) if path.exists() else None
+
+    def has_references(self, ref_id: str) -> bool:
+        row = self._connect().execute("SELECT 1 FROM reference_metrics WHERE ref_id = ? LIMIT 1", (ref_id,))
+        return row.fetchone() is not None
+
+    # ---- writes -------------------------------------------------------------------------------------
+    def _write_files(self, runs: list[dict], circuits: dict, scores, job_id: str) -> str | None:
+        """Circuit (and scores) files first: a transaction only ever points at files on disk."""
+        for run in runs:
+            data = circuits[run["run_id"]]
+            rel = f"circuits/{run['run_id']}.json"
+            atomic_write(self.root / rel, json.dumps(data).encode())
+            run["circuit_file"] = rel
+        if scores is None:
+            return None
+        rel = f"scores/{job_id}.npy"
+        with tempfile.SpooledTemporaryFile() as buf:
+            np.save(buf, np.asarray(scores, dtype=np.float32))
+            buf.seek(0)
+            atomic_write(self.root / rel, buf.read())
+        return rel
+
+    def record_job(self, job: dict, runs: list[dict], metrics: dict[str, dict[str, dict[str, float]]],
+                   circuits: dict[str, dict], scores=None) -> bool:
+        """Record a complete job with its runs and every metric, in one transaction.
+
+        ``job``: the `jobs` columns (``JOB_FIELDS``; dict/list values are stored as JSON).
+        ``runs``: one dict per circuit with the `runs` columns except ``circuit_file``.
+        ``metrics``: ``{run_id: {split: {metric: value}}}``, one entry for every run.
+        ``circuits``: ``{run_id: circuit JSON dict}`` (`Circuit.to_dict`), written as files.
+        ``scores``: the [W, R] score matrix of a score-based job, or None.
+        Returns False (and writes nothing to the database) when the job is already complete.
+        """
+        missing = [r["run_id"] for r in runs if not metrics.get(r["run_id"])]
+        if missing:
+            raise ValueError(f"job {job['job_id']}: runs without metrics: {missing}")
+        if self.job_status([job["job_id"]]).get(job["job_id"]) == "complete":
+            return False
+        runs = [dict(r) for r in runs]
+        scores_file = self._write_files(runs, circuits, scores, job["job_id"])
+        with self._write() as conn:
+            # Re-checked under the write lock: another process may have finished it meanwhile.
+            row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()
+            if row is not None and row[0] == "complete":
+                return False
+            if row is not None:  # a failed attempt: replace it
+                conn.execute("DELETE FROM jobs WHERE job_id = ?", (job["job_id"],))
+            values = {k: (_json(job.get(k)) if k in JSON_FIELDS else job.get(k)) for k in JOB_FIELDS}
+            values.update(status="complete", error=None, scores_file=scores_file)
+            self._insert(conn, "jobs", values)
+            self._insert_runs(conn, runs, metrics)
+        return True
+
+    def add_runs(self, job_id: str, runs: list[dict], metrics: dict, circuits: dict) -> int:
+        """Add runs (new sparsities cut from stored scores) to a complete job; returns how many were new."""
+        runs = [dict(r) for r in runs]
+        known = self.run_sparsities(job_id)
+        runs = [r for r in runs if float(r["target_sparsity"]) not in known]
+        if not runs:
+            return 0
+        self._write_files(runs, circuits, None, job_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None or row[0] != "complete":
+                raise ValueError(f"job {job_id} is not a complete job of this store")
+            have = {r[0] for r in conn.execute("SELECT run_id FROM runs WHERE job_id = ?", (job_id,))}
+            runs = [r for r in runs if r["run_id"] not in have]
+            self._insert_runs(conn, runs, metrics)
+        return len(runs)
+
+    def _insert_runs(self, conn, runs, metrics):
+        for run in runs:
+            self._insert(conn, "runs", {k: run.get(k) for k in RUN_FIELDS})
+            for split, values in metrics[run["run_id"]].items():
+                conn.executemany("INSERT INTO metrics (run_id, split, metric, value) VALUES (?, ?, ?, ?)",
+                                 [(run["run_id"], split, m, _finite(v)) for m, v in values.items()])
+
+    @staticmethod
+    def _insert(conn, table, values: dict):
+        cols = list(values)
+        conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [values[c] for c in cols])
+
+    def record_failure(self, job: dict, error: str) -> bool:
+        """Record that a job failed (a rerun retries it). Never overwrites a complete job."""
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone()
+            if row is not None and row[0] == "complete":
+                return False
+            conn.execute("DELETE FROM jobs WHERE job_id = ?", (job["job_id"],))
+            values = {k: (_json(job.get(k)) if k in JSON_FIELDS else job.get(k)) for k in JOB_FIELDS}
+            values.update(status="failed", error=str(error)[:4000])
+            self._insert(conn, "jobs", values)
+        return True
+
+    def record_references(self, ref: dict, values: dict[str, dict[str, dict[str, float]]]) -> bool:
+        """Store reference metrics ``{split: {"full"|"empty": {metric: value}}}`` for ``ref`` (a dict
+        with ref_id, task, model, dtype, device, data_seed, eval_limit). False if already stored."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM reference_metrics WHERE ref_id = ? LIMIT 1", (ref["ref_id"],)).fetchone():
+                return False
+            created = now_iso()
+            rows = [(ref["ref_id"], ref["task"], ref["model"], ref.get("dtype"), ref.get("device"),
+                     ref.get("data_seed"), ref.get("eval_limit"), split, circuit, metric, _finite(v), created)
+                    for split, per_circuit in values.items()
+                    for circuit, per_metric in per_circuit.items()
+                    for metric, v in per_metric.items()]
+            conn.executemany("INSERT INTO reference_metrics (ref_id, task, model, dtype, device, data_seed, "
+                             "eval_limit, split, circuit, metric, value, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return True
+
+    # ---- queries for the report -------------------------------------------------------------------
+    @staticmethod
+    def _where(filters: dict, prefix: str = "") -> tuple[str, list]:
+        clauses, params = [], []
+        for col, want in filters.items():
+            if want is None:
+                continue
+            values = [want] if isinstance(want, (str, int, float)) else list(want)
+            clauses.append(f"{prefix}{col} IN ({','.join('?' * len(values))})")
+            params.extend(values)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def runs(self, method=None, task=None, model=None, status: str | None = "complete",
+             with_metrics: bool = False):
+        """One row per run (a circuit of a job) with its job's configuration and cost.
+
+        Columns: run_id, job_id, method, method_preset, task, model, dtype, n_train, n_validation,
+        data_seed, seed, target_sparsity, sparsity (realised), n_edges, total_edges, n_nodes,
+        circuit_file, n_examples, eval_s, status, wall_total_s, ``wall_s.<phase>`` for every phase, forward_passes,
+        backward_passes, peak_memory_mib, runs_in_job (runs sharing this job's discovery cost),
+        device, device_name, threads, host, circuitbench_version, torch_version, transformers_version,
+        versions (JSON), method_config (JSON), config (JSON), started_at, finished_at. With
+        ``with_metrics``: one more column per ``<split>/<metric>`` (e.g. ``test/kl``).
+        ``status=None`` also lists failed jobs (one row each, with NaN run columns and ``error``).
+        Filters take a value or a list of values.
+        """
+        import pandas as pd
+
+        where, params = self._where({"method": method, "task": task, "model": model, "status": status}, "j.")
+        join = "LEFT JOIN" if status != "complete" else "JOIN"
+        q = (f"SELECT r.run_id, j.job_id, j.method, j.method_preset, j.task, j.model, j.dtype, j.n_train, "
+             f"j.n_validation, j.data_seed, j.seed, COALESCE(r.target_sparsity, j.target_sparsity) "
+             f"AS target_sparsity, r.sparsity, r.n_edges, r.total_edges, r.n_nodes, r.circuit_file, "
+             f"r.n_examples, r.eval_s, "
+             f"j.status, j.error, j.wall_total_s, j.wall_s, j.forward_passes, j.backward_passes, "
+             f"j.peak_memory_mib, (SELECT COUNT(*) FROM runs r2 WHERE r2.job_id = j.job_id) AS runs_in_job, "
+             f"j.device, j.device_name, j.threads, j.host, j.versions, j.method_config, j.config, "
+             f"j.started_at, j.finished_at "
+             f"FROM jobs j {join} runs r ON r.job_id = j.job_id{where} "
+             f"ORDER BY j.method, j.task, j.model, j.n_train, j.seed, target_sparsity, r.run_id")
+        df = pd.read_sql_query(q, self._connect(), params=params)
+        walls = [json.loads(w) if w else {} for w in df["wall_s"]]
+        phases = sorted({p for w in walls for p in w})
+        for p in phases:
+            df[f"wall_s.{p}"] = [w.get(p, float("nan")) for w in walls]
+        df = df.drop(columns=["wall_s"])
+        versions = [json.loads(v) if v else {} for v in df["versions"]]
+        for lib in ("circuitbench", "torch", "transformers"):
+            df[f"{lib}_version"] = [v.get(lib) for v in versions]
+        if status == "complete":
+            df = df.drop(columns=["error"])
+        if with_metrics and len(df):
+            m = self.metrics(method=method, task=task, model=model)
+            if len(m):
+                wide = m.assign(col=m["split"] + "/" + m["metric"]).pivot_table(
+                    index="run_id", columns="col", values="value", aggfunc="first")
+                wide.columns.name = None
+                df = df.merge(wide, how="left", left_on="run_id", right_index=True)
+        return df.reset_index(drop=True)
+
+    def metrics(self, method=None, task=None, model=None, split=None, metric=None):
+        """Long table: run_id, job_id, method, task, model, n_train, seed, target_sparsity, sparsity,
+        n_edges, split, metric, value (complete jobs only)."""
+        import pandas as pd
+
+        where, params = self._where({"j.method": method, "j.task": task, "j.model": model,
+                                     "m.split": split, "m.metric": metric})
+        where = (where + " AND" if where else " WHERE") + " j.status = 'complete'"
+        q = ("SELECT m.run_id, j.job_id, j.method, j.task, j.model, j.n_train, j.seed, r.target_sparsity, "
+             "r.sparsity, r.n_edges, m.split, m.metric, m.value FROM metrics m "
+             "JOIN runs r ON r.run_id = m.run_id JOIN jobs j ON j.job_id = r.job_id"
+             f"{where} ORDER BY j.method, j.task, j.model, r.target_sparsity, m.run_id, m.split, m.metric")
+        return pd.read_sql_query(q, self._connect(), params=params)
+
+    def reference_metrics(self, task=None, model=None, split=None):
+        """Long table of the full-model and empty-circuit values: ref_id, task, model, dtype, device,
+        data_seed, eval_limit, split, circuit ('full'/'empty'), metric, value."""
+        import pandas as pd
+
+        where, params = self._where({"task": task, "model": model, "split": split})
+        q = ("SELECT ref_id, task, model, dtype, device, data_seed, eval_limit, split, circuit, metric, value "
+             f"FROM reference_metrics{where} ORDER BY task, model, split, circuit, metric")
+        return pd.read_sql_query(q, self._connect(), params=params)
+
+    def circuit(self, job_id: str, sparsity: float | None = None):
+        """The stored `Circuit` of a run: ``job_id`` is a run id, or a job id with ``sparsity``
+        (which may be left out when the job has one run)."""
+        from .circuit import Circuit
+        from .graph import Graph
+
+        conn = self._connect()
+        row = conn.execute("SELECT r.circuit_file, j.graph FROM runs r JOIN jobs j ON j.job_id = r.job_id "
+                           "WHERE r.run_id = ?", (job_id,)).fetchone()
+        if row is None:
+            rows = conn.execute("SELECT r.circuit_file, j.graph, r.target_sparsity FROM runs r "
+                                "JOIN jobs j ON j.job_id = r.job_id WHERE j.job_id = ?", (job_id,)).fetchall()
+            if sparsity is not None:
+                rows = [r for r in rows if math.isclose(r[2], float(sparsity), abs_tol=1e-9)]
+            if not rows:
+                raise UserError(f"no stored circuit for {job_id!r}"
+                                + (f" at sparsity {sparsity}" if sparsity is not None else ""))
+            if len(rows) > 1:
+                raise UserError(f"job {job_id} has {len(rows)} circuits; name a sparsity "
+                                f"({', '.join(f'{r[2]:g}' for r in rows)})")
+            row = rows[0]
+        g = json.loads(row[1])
+        # n_kv_heads exactly as the model's graph had it (Graph equality compares the raw field)
+        graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True))
+        return Circuit.load(self.root / row[0], graph)
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of complete and failed jobs, runs and reference sets (for messages and tests)."""
+        conn = self._connect()
+        st = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+        return {"complete": st.get("complete", 0), "failed": st.get("failed", 0),
+                "runs": conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
+                "references": conn.execute("SELECT COUNT(DISTINCT ref_id) FROM reference_metrics").fetchone()[0]}
+
+    def integrity_check(self) -> str:
+        """SQLite's own integrity check ('ok' when the file is sound)."""
+        return self._connect().execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def check_writable(folder) -> Path:
+    """Make sure ``folder`` exists (or can be made) and takes files; UserError otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{time.monotonic_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"results folder {folder} is not writable: {err.strerror or err}") from None
+    return folder

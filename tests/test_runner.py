@@ -1,0 +1,334 @@
+"""The runner and the `run` / `results` commands: recording, resume (also after kill -9), failures,
+clean errors, dry runs, worker processes, determinism and the smoke regression check."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuitbench.circuit import Circuit
+from circuitbench.cli import main
+from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method, seeded_generator
+from circuitbench.runner import run_sweep
+from circuitbench.store import ResultsStore
+from circuitbench.sweep import Sweep
+
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+sys.path.insert(0, str(Path(__file__).parent))
+import compare_smoke  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DISCOVERIES: list[tuple[str, int]] = []  # (method, seed) of every discover() call in this process
+TINY = {"tasks": "ioi-t1", "models": "random:gpt2-tiny", "n_train": "8", "eval_limit": 8, "method_preset": "smoke"}
+
+
+@dataclass
+class FakeConfig:
+    scale: float = 1.0
+    per_task: dict = field(default_factory=dict)
+
+
+class _Fake(CircuitMethod):
+    description = "test method: seeded random scores"
+    Config = FakeConfig
+    presets = {"paper": {}, "quick": {}, "smoke": {}}
+
+    def _scores(self, engine, seed):
+        g = engine.graph
+        return torch.rand(g.n_writers, g.n_readers, generator=seeded_generator(seed)) * self.config.scale
+
+
+@register_method
+class FakeScores(_Fake):
+    name = "fake-scores"
+    produces = "scores"
+
+    def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
+        DISCOVERIES.append((self.name, seed))
+        meter = CostMeter(engine.device)
+        with meter.phase("score"):
+            scores = self._scores(engine, seed)
+            meter.forward(len(train))
+        return MethodResult(scores=scores, cost=meter.finish(), log=[{"step": 0}])
+
+
+@register_method
+class FakeCircuits(_Fake):
+    name = "fake-circuits"
+    produces = "circuits"
+
+    def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
+        DISCOVERIES.append((self.name, seed))
+        meter = CostMeter(engine.device)
+        with meter.phase("train"):
+            scores = self._scores(engine, seed)
+            circuits = {s: Circuit.from_sparsity(engine.graph, scores, s) for s in sparsities}
+            meter.forward(3)
+            meter.backward(3)
+        return MethodResult(circuits=circuits, cost=meter.finish())
+
+
+@register_method
+class FakeFailing(_Fake):
+    name = "fake-fail"
+    produces = "scores"
+
+    def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
+        raise RuntimeError("this method always fails")
+
+
+def sweep(**flags):
+    return Sweep.build(flags={**TINY, **flags})
+
+
+def test_records_resumes_and_extends(tmp_path):
+    DISCOVERIES.clear()
+    s = run_sweep(sweep(methods="fake-scores,fake-circuits", sparsities="0.5,0.9"), results=str(tmp_path),
+                  progress=False)
+    assert (s.planned_jobs, s.recorded_jobs, s.references, s.failed_jobs) == (3, 3, 1, [])
+    assert sorted(DISCOVERIES) == [("fake-circuits", 0), ("fake-circuits", 0), ("fake-scores", 0)]
+    store = ResultsStore(tmp_path)
+    df = store.runs(with_metrics=True)
+    assert len(df) == 4 and df["status"].eq("complete").all()
+    assert {"test/kl", "test/logit_diff", "test/accuracy", "test/exact_match"} <= set(df.columns)
+    assert df["n_examples"].eq(8).all() and df["n_train"].eq(8).all()
+    scores_rows = df[df["method"] == "fake-scores"]
+    assert scores_rows["runs_in_job"].eq(2).all() and scores_rows["job_id"].nunique() == 1
+    assert sorted(df["n_edges"]) == [11, 11, 55, 55]  # 110 edges at sparsities 0.9 and 0.5
+    assert df["forward_passes"].gt(0).all() and df["device"].eq("cpu").all()
+    assert df["torch_version"].eq(torch.__version__).all()
+    c = store.circuit(scores_rows["run_id"].iloc[0])
+    assert c.n_edges == scores_rows["n_edges"].iloc[0]
+    ref = store.reference_metrics()
+    assert set(ref["circuit"]) == {"full", "empty"}
+    assert ref[(ref.circuit == "full") & (ref.metric == "kl")]["value"].iloc[0] == pytest.approx(0, abs=1e-6)
+
+    # the same sweep again: everything is complete, nothing runs
+    s = run_sweep(sweep(methods="fake-scores,fake-circuits", sparsities="0.5,0.9"), results=str(tmp_path),
+                  progress=False)
+    assert (s.skipped_jobs, s.executed) == (3, 0) and len(DISCOVERIES) == 3
+    # a larger grid: the score-based job is cut again from its stored scores (no rediscovery);
+    # the circuit method trains one new job
+    s = run_sweep(sweep(methods="fake-scores,fake-circuits", sparsities="0.5,0.7,0.9"), results=str(tmp_path),
+                  progress=False)
+    assert s.skipped_jobs == 2 and s.executed == 2
+    assert sorted(DISCOVERIES) == [("fake-circuits", 0)] * 3 + [("fake-scores", 0)]
+    df = store.runs()
+    assert len(df) == 6 and df[df.method == "fake-scores"]["runs_in_job"].eq(3).all()
+
+
+def test_failed_job_is_recorded_and_retried(tmp_path, capsys):
+    args = ["run", "--methods", "fake-fail,fake-scores", "--task", "ioi-t1", "--model", "random:gpt2-tiny",
+            "--n-train", "8", "--eval-limit", "8", "--sparsities", "0.5", "--results", str(tmp_path), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "failed: RuntimeError: this method always fails" in err
+    store = ResultsStore(tmp_path)
+    assert store.counts()["complete"] == 1 and store.counts()["failed"] == 1
+    failed = store.runs(status="failed")
+    assert failed["error"].str.contains("always fails").all()
+    assert main(args) == 1  # retried (and failing again), the complete job skipped
+    assert "1 already complete" in capsys.readouterr().out
+    assert store.counts()["failed"] == 1
+
+
+ERROR_CASES = {
+    "unknown method": (["--methods", "nope", "--task", "ioi-t1"], "unknown method 'nope'"),
+    "unknown task": (["--methods", "eap", "--task", "nope"], "unknown task 'nope'"),
+    "unknown model": (["--methods", "eap", "--task", "ioi-t1", "--model", "random:nope"], "unknown model"),
+    "unknown preset": (["--preset", "nope"], "unknown preset 'nope'"),
+    "sparsity 1": (["--methods", "eap", "--task", "ioi-t1", "--sparsities", "0.9,1.0"], "outside [0, 1)"),
+    "sparsity range": (["--methods", "eap", "--task", "ioi-t1", "--sparsities", "0.9:1.1:0.1"], "outside [0, 1)"),
+    "negative sparsity": (["--methods", "eap", "--task", "ioi-t1", "--sparsities=-0.5"], "outside [0, 1)"),
+    "n_train too large": (["--methods", "eap", "--task", "ioi", "--n-train", "200,1000000"], "training pool"),
+    "unknown hyperparameter": (["--methods", "eap", "--task", "ioi-t1", "--set", "eap.nope=1"], "unknown eap hyperparameter"),
+    "unknown backend": (["--methods", "eap", "--task", "ioi-t1", "--backend", "spark"], "invalid choice"),
+    "no method": (["--task", "ioi-t1"], "no method given"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_exit_2_with_one_line_before_any_work(case, tmp_path, capsys):
+    args, msg = ERROR_CASES[case]
+    results = tmp_path / "results"
+    assert main(["run", *args, "--results", str(results), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+    assert not results.exists()  # nothing was started
+
+
+def test_config_file_errors_and_unwritable_folder(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('methods = ["eap"]\ntasks = ["ioi-t1"]\nmodel = ["gpt2"]\n')
+    assert main(["run", "--config", str(bad), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'model'" in err and err.count("\n") == 1
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--preset", "smoke", "--results", str(blocker / "results"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and err.count("\n") == 1
+
+
+def test_missing_cluster_extra(tmp_path, capsys):
+    pytest.importorskip("joblib")
+    try:
+        import dask.distributed  # noqa: F401
+        pytest.skip("dask is installed")
+    except ImportError:
+        pass
+    args = ["run", "--methods", "fake-scores", *_tiny_flags(), "--backend", "dask", "--results", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'circuitbench[dask]'" in err and err.count("\n") == 1
+    assert ResultsStore(tmp_path).counts()["complete"] == 0
+
+
+def _tiny_flags():
+    return ["--task", "ioi-t1", "--model", "random:gpt2-tiny", "--n-train", "8", "--eval-limit", "8",
+            "--method-preset", "smoke", "--no-progress"]
+
+
+def test_dry_run_runs_nothing(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["run", "--preset", "smoke", "--dry-run", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing is run" in out and "estimated time:" in out
+    assert "ep " in out and "acdc " in out and "eap " in out
+    assert not results.exists()
+    # with a store present: the plan counts what is complete and the store is left untouched
+    run_sweep(sweep(methods="fake-scores", sparsities="0.5"), results=str(results), progress=False)
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    rows_before = sqlite3.connect(results / "results.db").execute("SELECT COUNT(*) FROM runs").fetchone()
+    assert main(["run", "--methods", "fake-scores,fake-circuits", *_tiny_flags(), "--sparsities", "0.5,0.9",
+                 "--dry-run", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "3 jobs planned; 0 already complete; 3 units to run" in out  # two new jobs, one to extend
+    assert re.search(r"^extend +fake-scores", out, re.M) and re.search(r"^job +fake-circuits", out, re.M)
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    assert sqlite3.connect(results / "results.db").execute("SELECT COUNT(*) FROM runs").fetchone() == rows_before
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "CIRCUITBENCH_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "circuitbench", "run", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _complete_jobs(db: Path) -> dict[str, str]:
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(db, timeout=5)
+        return dict(con.execute("SELECT job_id, finished_at FROM jobs WHERE status = 'complete'"))
+    except sqlite3.OperationalError:
+        return {}
+
+
+def test_killed_sweep_resumes_with_every_job_once(tmp_path, capsys):
+    # `random` is a registered method (an entry point), so a fresh process finds it
+    args = ["--methods", "random", "--task", "ioi-t1", "--model", "random:gpt2-tiny", "--n-train", "8",
+            "--eval-limit", "16", "--sparsities", "0.5,0.8,0.9", "--seeds", "0,1,2,3,4,5",
+            "--results", str(tmp_path), "--no-progress"]
+    db = tmp_path / "results.db"
+    proc = _run_cli(args)
+    deadline = time.time() + 120
+    while not _complete_jobs(db) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _complete_jobs(db)
+    assert 1 <= len(before) < 6
+    assert ResultsStore(tmp_path).integrity_check() == "ok"
+    assert main(["run", *args]) == 0  # the same command again, here in this process
+    assert f"{len(before)} already complete" in capsys.readouterr().out
+    store = ResultsStore(tmp_path)
+    after = _complete_jobs(db)
+    assert len(after) == 6 and all(after[j] == t for j, t in before.items())  # not redone
+    df = store.runs()
+    assert len(df) == 18 and not df.duplicated(["job_id", "target_sparsity"]).any()
+    assert store.counts() == {"complete": 6, "failed": 0, "runs": 18, "references": 1}
+    assert len(list((tmp_path / "circuits").glob("*.json"))) == 18
+
+
+@pytest.mark.slow  # two worker processes each import torch and transformers: ~40 s on a busy 2-core machine
+def test_worker_processes_and_results_command(tmp_path, capsys):
+    args = ["--methods", "random,eap", "--task", "ioi-t1", "--model", "random:gpt2-tiny", "--n-train", "8",
+            "--eval-limit", "8", "--sparsities", "0.5,0.9", "--seeds", "0,1", "--method-preset", "smoke",
+            "--jobs", "2", "--results", str(tmp_path), "--no-progress"]
+    assert main(["run", *args]) == 0
+    assert "2 workers" in capsys.readouterr().out
+    store = ResultsStore(tmp_path)
+    df = store.runs()
+    assert store.counts() == {"complete": 4, "failed": 0, "runs": 8, "references": 1}
+    assert df["threads"].eq(1).all()  # two workers on two cores: one thread each
+
+    assert main(["results", "--results", str(tmp_path), "--method", "eap"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "logit_diff" in lines[0] and len(lines) == 5 and all(" eap " in line for line in lines[1:])
+    assert main(["results", "--results", str(tmp_path), "--json", "--csv", str(tmp_path / "runs.csv")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and all("test/kl" in r and "n_edges" in r and "wall_total_s" in r for r in rows)
+    assert isinstance(rows[0]["config"], dict)
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 9
+    assert main(["results", "--results", str(tmp_path / "none")]) == 2
+
+
+def _metrics_of(results) -> dict:
+    df = ResultsStore(results).runs(with_metrics=True)
+    cols = ["job_id", "target_sparsity", "n_edges"] + sorted(c for c in df.columns if c.startswith("test/"))
+    return {tuple(r[:2]): r[2:] for r in df[cols].itertuples(index=False, name=None)}
+
+
+def test_runs_are_deterministic(tmp_path):
+    # a short Edge Pruning run and EAP, twice into two stores: identical circuits and metrics
+    flags = {"methods": "ep,eap", "sparsities": "0.5", "method_config": {"ep": {"steps": 4, "ramp_steps": 3}}}
+    for name in ("a", "b"):
+        run_sweep(sweep(**flags), results=str(tmp_path / name), progress=False)
+    a, b = _metrics_of(tmp_path / "a"), _metrics_of(tmp_path / "b")
+    assert len(a) == 2 and a == b
+
+
+@pytest.mark.slow
+def test_smoke_preset_matches_reference(tmp_path):
+    """`--preset smoke` end to end against tests/reference/smoke.json (the CI regression check)."""
+    assert main(["run", "--preset", "smoke", "--results", str(tmp_path), "--no-progress"]) == 0
+    problems = compare_smoke.compare(compare_smoke.snapshot(tmp_path),
+                                     json.loads(compare_smoke.REFERENCE.read_text()))
+    assert not problems, "\n".join(problems)
+
+
+def test_results_command(tmp_path, capsys):
+    from test_store import make_job
+
+    store = ResultsStore(tmp_path)
+    store.record_job(*make_job("aaaa000000000001", method="eap"))
+    store.record_job(*make_job("aaaa000000000002", method="acdc", task="gt"))
+    store.record_failure(make_job("aaaa000000000003", method="ep")[0], "RuntimeError: out of memory")
+    assert main(["results", "--results", str(tmp_path), "--method", "eap"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "kl" in lines[0] and "accuracy" in lines[0] and len(lines) == 3
+    assert all(" eap " in line and "acdc" not in line for line in lines[1:])
+    assert main(["results", "--results", str(tmp_path), "--all", "--task", "ioi-t1"]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "out of memory" in out
+    assert main(["results", "--results", str(tmp_path), "--json", "--csv", str(tmp_path / "runs.csv")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all({"test/kl", "test/accuracy", "n_edges", "sparsity", "wall_total_s"} <= set(r)
+                                  for r in rows)
+    assert isinstance(rows[0]["config"], dict) and rows[0]["wall_s.train"] == 1.5
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 5
+    assert main(["results", "--results", str(tmp_path / "none")]) == 2
+    assert "no results store" in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""Sweeps: value parsing, layering (defaults < preset < file < flags), TOML errors, expansion, job ids."""
+from __future__ import annotations
+
+import pytest
+
+from dataclasses import dataclass, field
+
+from circuitbench.errors import UserError
+from circuitbench.method import CircuitMethod, register_method
+from circuitbench.sweep import PRESETS, Sweep, parse_set, parse_sparsities
+
+
+@dataclass
+class FixedConfig:
+    batch_size: int = 8
+    per_task: dict = field(default_factory=dict)
+
+
+@register_method
+class FixedConfigMethod(CircuitMethod):
+    """A method whose configuration never changes, to pin the job-id scheme."""
+
+    name = "fixed-config"
+    description = "test method with a frozen configuration"
+    Config = FixedConfig
+    presets = {"paper": {}, "quick": {}, "smoke": {}}
+    produces = "scores"
+
+    def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
+        raise AssertionError("planning only")
+
+
+def test_parse_sparsities():
+    assert parse_sparsities("0.9:0.99:0.01") == [0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]
+    assert parse_sparsities("0.95,0.9,0.9") == [0.9, 0.95]
+    assert parse_sparsities([0, 0.5]) == [0.0, 0.5]
+    assert parse_sparsities(0.5) == [0.5]
+    for bad, msg in [("1.0", "outside"), ("-0.1", "outside"), ([0.5, 1.2], "outside"), ("0.9:0.8:0.01", "stop"),
+                     ("0.9:0.99", "range"), ("a,b", "not a comma"), ([True], "not a number"), ("", "no sparsity")]:
+        with pytest.raises(UserError, match=msg):
+            parse_sparsities(bad)
+
+
+def test_parse_set():
+    assert parse_set(["ep.steps=100", "ep.lr=0.5", "acdc.taus=[0.1, 0.2]", "x.name=abc"]) == {
+        "ep": {"steps": 100, "lr": 0.5}, "acdc": {"taus": [0.1, 0.2]}, "x": {"name": "abc"}}
+    with pytest.raises(UserError, match="METHOD.FIELD=VALUE"):
+        parse_set(["steps=100"])
+
+
+def write(tmp_path, text, name="sweep.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_and_bad_keys_are_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown key 'sparsity'"):
+        Sweep.build(config=write(tmp_path, 'methods = ["eap"]\nsparsity = [0.9]\n'))
+    with pytest.raises(UserError, match=r"unknown key 'device' in \[task.gt\]"):
+        Sweep.build(config=write(tmp_path, '[task.gt]\ndevice = "cpu"\n'))
+    with pytest.raises(UserError, match="not a whole number"):
+        Sweep.build(config=write(tmp_path, 'seeds = [0.5]\n'))
+    with pytest.raises(UserError, match="not valid TOML"):
+        Sweep.build(config=write(tmp_path, 'methods = [\n'))
+    with pytest.raises(UserError, match="does not exist"):
+        Sweep.build(config=str(tmp_path / "missing.toml"))
+    with pytest.raises(UserError, match="unknown preset 'fast'"):
+        Sweep.build(preset="fast")
+
+
+def test_layering_and_per_task_values(tmp_path):
+    cfg = write(tmp_path, """
+methods = ["eap"]
+tasks = ["ioi-t1", "gt"]
+sparsities = [0.5]
+seeds = [1]
+[method_config.eap]
+batch_size = 8
+[task.gt]
+sparsities = [0.7, 0.8]
+n_train = [20]
+""")
+    sweep = Sweep.build(preset="smoke", config=cfg, flags={"seeds": "3,4", "method_config": {"eap": {"batch_size": 4}}})
+    assert sweep.get("models") == ["random:gpt2-tiny"]  # from the preset
+    assert sweep.get("sparsities", "ioi-t1") == [0.5]  # file beats preset
+    assert sweep.get("sparsities", "gt") == [0.7, 0.8]  # per-task beats the file's top level
+    assert sweep.get("seeds", "gt") == [3, 4]  # flags beat everything
+    assert sweep.method_overrides("eap", "gt") == {"batch_size": 4}
+    jobs, refs = sweep.plan()
+    by_task = {}
+    for j in jobs:
+        by_task.setdefault(j.task, []).append(j)
+    assert {j.sparsities for j in by_task["gt"]} == {(0.7, 0.8)} and {j.n_train for j in by_task["gt"]} == {20}
+    assert {j.sparsities for j in by_task["ioi-t1"]} == {(0.5,)} and {j.n_train for j in by_task["ioi-t1"]} == {8}
+    assert sorted(j.seed for j in by_task["gt"]) == [3, 4]
+    assert all(j.method_config["batch_size"] == 4 for j in jobs)
+    assert sorted(r.task for r in refs) == ["gt", "ioi-t1"]
+
+
+def test_expansion_and_stable_ids():
+    flags = {"methods": "ep,eap", "tasks": "ioi-t1", "models": "random:gpt2-tiny", "sparsities": "0.5,0.9",
+             "seeds": "0,1", "n_train": "16,32", "method_preset": "smoke"}
+    jobs, refs = Sweep.build(flags=flags).plan()
+    ep = [j for j in jobs if j.method == "ep"]
+    eap = [j for j in jobs if j.method == "eap"]
+    assert len(ep) == 2 * 2 * 2 and all(len(j.sparsities) == 1 and j.target_sparsity == j.sparsities[0] for j in ep)
+    assert len(eap) == 2 * 2 and all(j.sparsities == (0.5, 0.9) and j.target_sparsity is None for j in eap)
+    assert len(refs) == 1 and len({j.job_id for j in jobs}) == len(jobs)
+    again, _ = Sweep.build(flags=flags).plan()
+    assert [j.job_id for j in again] == [j.job_id for j in jobs]  # stable across plans
+    # a score-based job keeps its id when the grid grows (its stored scores are cut again);
+    # anything that changes its result changes the id
+    grown, _ = Sweep.build(flags={**flags, "sparsities": "0.5,0.9,0.95"}).plan()
+    assert {j.job_id for j in eap} <= {j.job_id for j in grown}
+    other_data, _ = Sweep.build(flags={**flags, "data_seed": 1}).plan()
+    assert not {j.job_id for j in jobs} & {j.job_id for j in other_data}
+    on_gpu, _ = Sweep.build(flags=flags).plan(device="cuda")
+    assert not {j.job_id for j in jobs} & {j.job_id for j in on_gpu}
+    # the id of a job, fixed: a change here silently orphans every stored result
+    one, _ = Sweep.build(flags={**flags, "methods": "fixed-config", "seeds": "0", "n_train": "16"}).plan()
+    assert [j.job_id for j in one] == ["8090ca38ffa04c2b"]
+    assert one[0].config == {"v": 1, "method": "fixed-config", "method_preset": "smoke",
+                             "method_config": {"batch_size": 8}, "task": "ioi-t1", "model": "random:gpt2-tiny",
+                             "n_train": 16, "n_validation": None, "data_seed": 0, "seed": 0, "dtype": "float32",
+                             "device": "cpu", "eval_limit": None, "target_sparsity": None}
+
+
+def test_plan_errors():
+    base = {"methods": "eap", "tasks": "ioi-t1", "models": "random:gpt2-tiny"}
+    for flags, msg in [({**base, "methods": "nope"}, "unknown method 'nope'"),
+                       ({**base, "tasks": "nope"}, "unknown task 'nope'"),
+                       ({**base, "tasks": "ioi", "n_train": "200000"}, "training pool holds"),
+                       ({**base, "n_train": "0"}, "at least 1"),
+                       ({**base, "method_config": {"eap": {"nope": 1}}}, "unknown eap hyperparameter"),
+                       ({**base, "method_preset": "huge"}, "no preset 'huge'")]:
+        with pytest.raises(UserError, match=msg):
+            Sweep.build(flags=flags).plan()
+    with pytest.raises(UserError, match="no task given"):
+        Sweep.build(flags={"methods": "eap"}).plan()
+
+
+def test_task_bound_model():
+    # Tracr tasks name their compiled model; a file's general model list does not apply to them
+    jobs, refs = Sweep.build(preset="smoke", flags={"tasks": "tracr-xproportion"}).plan()
+    assert {j.model for j in jobs} == {"tracr:xproportion"}
+    jobs, _ = Sweep.build(flags={"methods": "eap", "tasks": "tracr-xproportion,ioi-t1"}).plan()
+    assert {(j.task, j.model) for j in jobs} == {("tracr-xproportion", "tracr:xproportion"), ("ioi-t1", "smollm2-135m")}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_plan(preset):
+    jobs, refs = Sweep.build(preset=preset).plan()
+    assert jobs and refs
+    assert all(j.method_preset == preset for j in jobs)
+    assert {j.method for j in jobs} >= {"ep", "acdc", "eap"}
