@@ -79,6 +79,7 @@ def evaluate(model, task, circuit, split: str = "test", batch_size: int = 32, li
     device = engine.device
     edge_mask = circuit.edge_mask(device=device)
     empty_mask = torch.zeros_like(edge_mask) if references else None
+    circuit_is_empty = circuit.n_edges == 0
     sums: dict[str, float] = {}
     n_total = len(examples)
     n_batches = math.ceil(n_total / batch_size)
@@ -94,8 +95,11 @@ def evaluate(model, task, circuit, split: str = "test", batch_size: int = 32, li
         _accumulate(sums, "", task.score(logits, full, batch))
         if references:
             _accumulate(sums, "full/", task.score(full, full, batch))
-            empty = engine(clean, attention_mask=mask, edge_mask=empty_mask, positions=positions,
-                           ablation=task.ablation, corrupted=cache)
+            if circuit_is_empty:  # the same masked pass as the circuit's: do not run it twice
+                empty = logits
+            else:
+                empty = engine(clean, attention_mask=mask, edge_mask=empty_mask, positions=positions,
+                               ablation=task.ablation, corrupted=cache)
             _accumulate(sums, "empty/", task.score(empty, full, batch))
     out = {name: value / n_total for name, value in sums.items()}
     out["n_examples"] = float(n_total)

@@ -2,8 +2,8 @@
 
 Expressions have 3 to 6 literals, parentheses nested at most 3 deep and at most 2 consecutive
 ``not``s, written with spaces between words and parentheses as in BBH; their value is Python's
-(``not`` > ``and`` > ``or``). Splits are 3,840 / 767 / 3,070 by default, half True and half
-False, no expression in two splits. Corruption: one literal flipped so the value flips (same
+(``not`` > ``and`` > ``or``). Splits are 3,840 / 767 / 3,070 by default, half True and half False
+(interleaved), no expression in two splits. Corruption: one literal flipped so the value flips (same
 length in words, and checked to have the same token length).
 
 Two prompting settings (two tasks):
@@ -231,6 +231,22 @@ class _BoolExpr(AnswerPairTask):
         # where the answer word starts ("'" or the assistant's turn).
         return (" " if self.few_shot and variant == "codellama-inst" else "") + str(value)
 
+    @staticmethod
+    def _demos(rng: random.Random) -> list[tuple[str, bool]]:
+        """Three demonstrations (expression, value) with both values present, in random order."""
+        values = [True, False, bool(rng.getrandbits(1))]
+        rng.shuffle(values)
+        demos = []
+        for v in values:
+            words, value, pivots = random_expression_with_pivots(rng)
+            while not pivots:  # a constant expression cannot be turned into the value wanted
+                words, value, pivots = random_expression_with_pivots(rng)
+            if value != v:  # flipping a pivotal literal gives the value wanted
+                words = list(words)
+                words[pivots[0]] = "False" if words[pivots[0]] == "True" else "True"
+            demos.append((" ".join(words), v))
+        return demos
+
     def _generate(self, tokenizer, seed, sizes):
         variant = prompt_variant(tokenizer)
         # Prompts rendered by a chat template carry their own special tokens.
@@ -238,46 +254,33 @@ class _BoolExpr(AnswerPairTask):
         seen: set = set()
         drawn = {}
         for split in ("validation", "test", "train"):
-            rng = split_random(seed, self.name, split)
-            demo_rng = split_random(seed, self.name, f"{split}/demos")
-            counter = {"i": 0}
+            by_value = {}
+            for target in (True, False):
+                stream = f"{split}/{target}"
+                rng = split_random(seed, self.name, stream)
+                demo_rng = split_random(seed, self.name, f"{stream}/demos")
 
-            def draw(chunk, rng=rng, demo_rng=demo_rng, counter=counter):
-                out = []
-                while len(out) < chunk:
-                    words, value, pivots = random_expression_with_pivots(rng)
-                    if not pivots:  # no single flip changes the value: no corruption exists
-                        continue
-                    flipped = list(words)
-                    i = pivots[rng.randrange(len(pivots))]
-                    flipped[i] = "False" if words[i] == "True" else "True"
-                    # Truth values alternate in draw order (every split is balanced): when the
-                    # expression has the wrong value, its flipped twin is the clean prompt.
-                    target = counter["i"] % 2 == 0
-                    counter["i"] += 1
-                    if value != target:
-                        words, flipped = flipped, words
-                    demos = []
-                    if self.few_shot:
-                        values = [True, False, bool(demo_rng.getrandbits(1))]
-                        demo_rng.shuffle(values)
-                        for v in values:
-                            d, dv, d_pivots = random_expression_with_pivots(demo_rng)
-                            if dv != v:
-                                # Flipping a pivotal literal gives the value wanted; an expression
-                                # without one is constant, so draw again.
-                                while not d_pivots:
-                                    d, dv, d_pivots = random_expression_with_pivots(demo_rng)
-                                if dv != v:
-                                    d = list(d)
-                                    j = d_pivots[0]
-                                    d[j] = "False" if d[j] == "True" else "True"
-                            demos.append((" ".join(d), v))
-                    clean = " ".join(words)
-                    out.append((clean, (clean, " ".join(flipped), target, demos)))
-                return out
+                def draw(chunk, rng=rng, demo_rng=demo_rng, target=target):
+                    out = []
+                    while len(out) < chunk:
+                        words, value, pivots = random_expression_with_pivots(rng)
+                        if not pivots:  # no single flip changes the value: no corruption exists
+                            continue
+                        flipped = list(words)
+                        i = pivots[rng.randrange(len(pivots))]
+                        flipped[i] = "False" if words[i] == "True" else "True"
+                        if value != target:  # the flipped twin has the value wanted
+                            words, flipped = flipped, words
+                        demos = self._demos(demo_rng) if self.few_shot else []
+                        clean = " ".join(words)
+                        out.append((clean, (clean, " ".join(flipped), target, demos)))
+                    return out
 
-            drawn[split] = draw_unique(draw, sizes[split], seen, chunk=256)
+                n = (sizes[split] + 1) // 2 if target else sizes[split] // 2
+                by_value[target] = draw_unique(draw, n, seen, chunk=256)
+            # Interleaved, so every split (and any prefix of it) is balanced between True and False.
+            t, f = by_value[True], by_value[False]
+            drawn[split] = [x for pair in zip(t, f) for x in pair] + t[len(f):]
 
         def answer_ids(prompt: str) -> dict[bool, int]:
             """The token each truth value appends to ``prompt``; UserError unless exactly one."""
