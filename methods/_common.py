@@ -2,9 +2,10 @@
 
 A `BatchPlan` splits a split into a fixed, seeded partition of batches and prepares each one for the
 engine: the corrupted cache (one corrupted pass), the full model's logits at the scored positions
-(one plain pass) and, for ACDC, the full model's writer stack. When everything fits in
-``cache_mib`` the prepared batches are kept and reused (methods that loop over the data many times
-pay for the corrupted pass once); otherwise each batch is prepared again on every use.
+(one plain pass) and, for ACDC, the full model's writer stack. Methods that loop over the data many
+times keep what fits in ``cache_mib``: the full model's logits first (small: the scored positions
+only), then the corrupted caches and writer stacks (large: every token of every writer); what does
+not fit is recomputed on every use.
 """
 from __future__ import annotations
 
@@ -53,14 +54,25 @@ class BatchPlan:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(seed)))
         self.parts = [order[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.n_examples = len(examples)
-        self.cached = self.estimate_mib() <= cache_mib
+        self.keep_reference = self.reference_mib() <= cache_mib
+        self.keep_corrupted = self.keep_reference and self.reference_mib() + self.estimate_mib() <= cache_mib
+        self._references: dict[int, torch.Tensor] = {}
         self._cache: dict[int, PreparedBatch] = {}
 
     def __len__(self) -> int:
         return len(self.parts)
 
+    def reference_mib(self) -> float:
+        """Memory the full model's logits of the whole split would hold (MiB)."""
+        if not self.want_reference:
+            return 0.0
+        vocab = self.engine.adapter.unembed(torch.zeros(1, self.engine.adapter.d_model, device=self.engine.device,
+                                                        dtype=self.engine.dtype)).shape[-1]
+        elem = torch.finfo(self.engine.dtype).bits // 8
+        return self.n_examples * self.examples.positions.shape[1] * vocab * elem / 2**20
+
     def estimate_mib(self) -> float:
-        """Memory the prepared batches of the whole split would hold (MiB)."""
+        """Memory the corrupted caches (and writer stacks) of the whole split would hold (MiB)."""
         g, L = self.engine.graph, self.engine.graph.n_layers
         d = self.engine.adapter.d_model
         elem = torch.finfo(self.engine.dtype).bits // 8
@@ -77,11 +89,11 @@ class BatchPlan:
         return total / 2**20
 
     def get(self, index: int) -> PreparedBatch:
-        """Batch ``index`` of the partition, prepared (from the cache when the plan keeps one)."""
+        """Batch ``index`` of the partition, prepared (from the cache when the plan keeps it)."""
         if index in self._cache:
             return self._cache[index]
-        prepared = self._prepare(self.examples.select(self.parts[index]).to(self.engine.device))
-        if self.cached:
+        prepared = self._prepare(self.examples.select(self.parts[index]).to(self.engine.device), index)
+        if self.keep_corrupted:
             self._cache[index] = prepared
         return prepared
 
@@ -92,15 +104,19 @@ class BatchPlan:
             yield self.get(i)
 
     @torch.no_grad()
-    def _prepare(self, batch: Examples) -> PreparedBatch:
+    def _prepare(self, batch: Examples, index: int) -> PreparedBatch:
         eng = self.engine
         corrupted = eng.corrupted_cache(batch.corrupted, batch.attention_mask, ablation=self.ablation)
         if self.ablation == "interchange":
             self.meter.forward()
         reference = stack = None
         if self.want_reference:
-            reference = eng.reference(batch.clean, batch.attention_mask, positions=batch.positions)
-            self.meter.forward()
+            reference = self._references.get(index)
+            if reference is None:
+                reference = eng.reference(batch.clean, batch.attention_mask, positions=batch.positions)
+                self.meter.forward()
+                if self.keep_reference:
+                    self._references[index] = reference
         if self.want_stack:
             B, S = batch.clean.shape
             stack = torch.empty(eng.graph.n_writers, B * S * eng.adapter.d_model, device=eng.device,

@@ -134,3 +134,14 @@ def test_methods_command(capsys):
     assert "preset smoke" in capsys.readouterr().out
     assert main(["methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_methods_benchmark_reports_every_ratio():
+    from circuitbench.bench_methods import methods_benchmark
+
+    result = methods_benchmark("random:gpt2-tiny", batch=2, seq=5, threads=1, repeats=1, memory=False,
+                               progress=False)
+    for key in ("ep_step_over_plain", "ep_step_with_corrupted_over_plain", "acdc_trial_over_plain_forward",
+                "eap_over_plain"):
+        assert result[key] > 0
+    assert result["batch"] == 2 and result["seq"] == 5

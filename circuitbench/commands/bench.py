@@ -1,11 +1,12 @@
-"""`circuitbench bench engine [--json]`: speed and memory ratios of the engine against the plain model."""
+"""`circuitbench bench engine|methods [--json]`: speed and memory ratios against the plain model."""
 from __future__ import annotations
 
 import json
 
 from ..errors import UserError
 
-TARGETS = {"engine": "engine_benchmark"}
+# target -> "module:function" in the circuitbench package
+TARGETS = {"engine": "bench:engine_benchmark", "methods": "bench_methods:methods_benchmark"}
 
 
 def add_parser(sub):
@@ -22,11 +23,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from .. import bench
+    import importlib
 
     if min(args.batch, args.seq, args.threads, args.repeats) < 1:
         raise UserError("--batch, --seq, --threads and --repeats must be positive")
-    fn = getattr(bench, TARGETS[args.target])
+    module, name = TARGETS[args.target].split(":")
+    fn = getattr(importlib.import_module(f"circuitbench.{module}"), name)
     result = fn(args.model, args.batch, args.seq, args.threads, args.repeats,
                 memory=not args.no_memory, progress=not args.json)
     if args.json:
