@@ -238,7 +238,8 @@ def test_scaling_table_values(data):
     eap = t[(t["task"] == "ioi-t1") & (t["method"] == "eap")].iloc[0]
     assert eap["wall s (n=400)"] == pytest.approx(0.25 + 1.0 + 0.4)
     assert row["device"] == "Test CPU (2 cores)"
-    assert "kl (n=400)" in t.columns and math.isnan(t[(t["task"] == "gt")]["kl (n=400)"].iloc[0])
+    assert set(t["task"]) == {"ioi-t1"}  # gt was run at one training-set size only
+    assert list(t.columns[7:11]) == ["kl (n=200)", "wall s (n=200)", "kl (n=400)", "wall s (n=400)"]
 
 
 def test_runtime_table_values(data):
@@ -403,8 +404,8 @@ def test_index_page_shows_everything_and_the_runs(store_dir, report):
 def test_table_files_hold_the_stored_numbers(report):
     out, _ = report
     csv = pd.read_csv(out / "tables" / "scaling.csv")
-    row = csv[(csv["task"] == "gt") & (csv["method"] == "eap")].iloc[0]
-    assert row["kl (n=200)"] == pytest.approx(metric_value("kl", "eap", 0.9, 0, 200, "gt"))
+    row = csv[(csv["task"] == "ioi-t1") & (csv["method"] == "eap")].iloc[0]
+    assert row["kl (n=400)"] == pytest.approx(metric_value("kl", "eap", 0.9, 0, 400, "ioi-t1"))
     case = pd.read_csv(out / "tables" / "case_study.csv")
     assert case["IP accuracy"].iloc[0] == pytest.approx(metric_value("accuracy", "ep", 0.9, 0, 3840, "boolexpr-ip"))
     md = (out / "tables" / "runtime.md").read_text()
@@ -423,7 +424,7 @@ def test_rebuild_replaces_its_own_files_and_refuses_foreign_folders(tmp_path):
     stale.write_bytes(b"old")
     summary = build_report(tmp_path / "store", out)
     assert not stale.exists() and (out / "figures" / "faithfulness.png").exists()
-    assert "tables/case_study" in summary["missing"]
+    assert "tables/case_study" in summary["missing"] and "tables/scaling" in summary["missing"]
     (tmp_path / "other" / "figures").mkdir(parents=True)
     with pytest.raises(UserError, match="not written by circuitbench report"):
         build_report(tmp_path / "store", tmp_path / "other")

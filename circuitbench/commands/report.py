@@ -100,8 +100,10 @@ def edge_faithfulness(args) -> str:
             circuit = store.circuit(run_id)
         finally:
             store.close()
-        if circuit.graph != model.graph:
+        g, m = circuit.graph, model.graph
+        if (g.n_layers, g.n_heads, g.kv_heads, g.has_mlp) != (m.n_layers, m.n_heads, m.kv_heads, m.has_mlp):
             raise UserError(f"run {run_id}'s circuit is over another graph than {model_spec}'s")
+        circuit = Circuit(m, circuit.edges, meta=circuit.meta)  # the same shape: on the model's own graph
     else:
         circuit = Circuit.load(path, model.graph)
     seed = 0 if data_seed is None else data_seed

@@ -97,6 +97,8 @@ class NormalisedCurve:
     auc_linear: float
     auc_log: float
     log_from: float
+    full: float
+    empty: float
 
 
 def normalise(curve: Curve, full: float, empty: float) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +137,25 @@ def area_log(k: np.ndarray, f: np.ndarray, k_from: float) -> float:
     return float(np.trapezoid(ys, xs) / (0.0 - lo))
 
 
+def main_variant(curves: list[Curve]) -> tuple:
+    """The (preset, n_train) of a panel's main sweep: the variant with the most points."""
+    counts: dict[tuple, int] = {}
+    for c in curves:
+        key = (c.method_preset, c.n_train)
+        counts[key] = counts.get(key, 0) + len(c.points)
+    return max(counts, key=lambda k: (counts[k], -_num(k[1])))
+
+
 def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[NormalisedCurve]:
     """Normalised curves and both areas for the series of one panel. The log axis covers the
-    fractions kept that every series measured: from the largest of the series' smallest measured
-    k up to 1, so all methods of a task are integrated over the same range."""
-    if full is None or empty is None or not math.isfinite(full - empty) or full == empty:
+    fractions kept that every series of the panel's main sweep measured: from the largest of their
+    smallest measured k up to 1, so those methods are integrated over the same range; a series that
+    does not reach down that far (a scaling run at one sparsity, say) has no log-axis area (NaN)."""
+    if not curves or full is None or empty is None or not math.isfinite(full - empty) or full == empty:
         return []
-    measured_min = [float(c.points["kept"].min()) for c in curves if len(c.points)]
+    main = main_variant(curves)
+    measured_min = [float(c.points["kept"].min()) for c in curves
+                    if len(c.points) and (c.method_preset, c.n_train) == main]
     positive = [m for m in measured_min if m > 0]
     log_from = max(positive) if positive else math.nan
     out = []
@@ -149,5 +163,5 @@ def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[Nor
         k, f = normalise(c, full, empty)
         out.append(NormalisedCurve(c, k, f, area_linear(k, f),
                                    area_log(k, f, log_from) if math.isfinite(log_from) else math.nan,
-                                   log_from))
+                                   log_from, full, empty))
     return out

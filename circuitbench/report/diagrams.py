@@ -26,7 +26,7 @@ EDGE_STYLE = {
     "q": {"color": "#1f63b4", "linestyle": "-"},
     "k": {"color": "#2a9d3a", "linestyle": "--"},
     "v": {"color": "#c8312b", "linestyle": "-."},
-    "mlp": {"color": "0.45", "linestyle": "-"},
+    "mlp": {"color": "#a0661c", "linestyle": "-"},
     "logits": {"color": "0.05", "linestyle": "-"},
 }
 PORT_OFFSET = {"q": -0.22, "k": 0.0, "v": 0.22}
@@ -154,8 +154,13 @@ def _draw_edge(ax, pos, e: Edge, width: float, alpha: float, colour=None, linest
     (x0, y0), (x1, y1) = pos[e.writer], pos[e.reader]
     x1 += PORT_OFFSET.get(e.kind, 0.0) if _node_kind(e.reader) == "head" else 0.0
     st = EDGE_STYLE[e.kind]
-    # Long edges curve so they do not run through the nodes of the rows they cross.
-    rad = 0.0 if abs(y1 - y0) <= 1.05 else (0.18 if x1 >= x0 else -0.18)
+    # Long edges curve so they do not run through the nodes of the rows they cross; each input kind
+    # bends its own way (MLP edges alternate with the distance) so parallel edges fan out.
+    rows = abs(y1 - y0)
+    if rows <= 1.05:
+        rad = 0.0
+    else:
+        rad = {"q": -0.16, "k": 0.12, "v": 0.24, "logits": -0.24}.get(e.kind, 0.14 if round(rows) % 2 else -0.08)
     ax.add_patch(FancyArrowPatch((x0, y0 + 0.15), (x1, y1 - 0.15), arrowstyle="-|>", mutation_scale=7,
                                  connectionstyle=f"arc3,rad={rad}", color=colour or st["color"],
                                  linestyle=linestyle or st["linestyle"], linewidth=width, alpha=alpha,
@@ -187,11 +192,15 @@ def draw_circuits(circuits, titles=None, compare_to=None, panel_width=None, font
     xs = [p[0] for p in pos.values()] or [0.0]
     span_x = max(xs) - min(xs) + 1.6
     n_rows = max(len(rows), 1)
-    width = panel_width or max(3.2, 0.92 * span_x + 1.4)
+    width = panel_width or max(2.6, 0.92 * span_x + 0.6)
     # tall models (30 layers = 60 rows) get flatter rows so the page stays scrollable
     row_height = max(0.38, min(0.62, 18.0 / n_rows))
-    height = max(2.4, row_height * n_rows + 1.2)
-    fig, axes = plt.subplots(1, len(circuits), figsize=(width * len(circuits), height), squeeze=False)
+    height = max(2.4, row_height * n_rows + 1.3)
+    label_width = 1.5  # inches for the row labels left of the first panel
+    n_legend = 5 + (2 if compare_to is not None else 0)
+    # wide enough for the legend (one row) and the panel titles
+    width = max(width, (0.95 * n_legend + 0.4 - label_width) / len(circuits), 2.9)
+    fig, axes = plt.subplots(1, len(circuits), figsize=(width * len(circuits) + label_width, height), squeeze=False)
     axes = axes[0]
     n_edges_max = max((len(e) for e in edge_sets), default=0)
     lw = 1.3 if n_edges_max < 60 else (0.9 if n_edges_max < 250 else 0.6)
@@ -210,10 +219,11 @@ def draw_circuits(circuits, titles=None, compare_to=None, panel_width=None, font
         for e in edges:
             _draw_edge(ax, pos, e, lw, alpha)
         _draw_nodes(ax, pos, touched, fontsize)
-        if k == 0:
+        if k == 0:  # row labels left of the first panel, outside its data range
             for y, label in rows:
-                ax.text(min(xs) - 1.0, y, label, ha="right", va="center", fontsize=fontsize, color="0.3")
-        ax.set_xlim(min(xs) - (3.1 if k == 0 else 0.8), max(xs) + 0.8)
+                ax.text(-0.02, y, label, ha="right", va="center", fontsize=fontsize, color="0.3",
+                        transform=ax.get_yaxis_transform())
+        ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
         ax.set_ylim(-0.7, n_rows - 0.3)
         ax.axis("off")
         title = titles[k] if titles else circuit.meta.get("name", "circuit")
@@ -225,7 +235,10 @@ def draw_circuits(circuits, titles=None, compare_to=None, panel_width=None, font
                     Line2D([], [], color=MISSING_COLOUR, linestyle=":", linewidth=1.5)]
         labels += ["not in ground truth", "ground truth, missed"]
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=fontsize + 0.5)
-    fig.tight_layout(rect=(0, 0.06 if height > 4 else 0.1, 1, 1))
+    # margins in inches, set by hand: tight_layout would measure every node label (slow on big circuits)
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=label_width / W, right=1 - 0.1 / W, top=1 - 0.75 / H, bottom=0.55 / H,
+                        wspace=0.25 / width)
     return fig
 
 

@@ -40,6 +40,7 @@ from ..errors import UserError
 from .artifact import Artifact
 
 TABLE = "edge_faithfulness"
+CLIP_RATIO = 1e-4  # the figure's log axes span at most this ratio below the largest value
 DEFAULT_LIMIT = 256
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -201,7 +202,8 @@ def figure(rows: pd.DataFrame) -> Artifact:
                    caption="Each point is an edge e of the circuit: x = loss of the full model without e, y = loss of "
                            "the circuit without e (both against the full model; KL, or MSE for numeric Tracr "
                            "output), log axes. Points above the diagonal: the edge matters more inside the circuit "
-                           "than in the whole model. The dotted line is the circuit's own loss.")
+                           "than in the whole model. The dotted line is the circuit's own loss. Values under 1e-4 of "
+                           "the largest are drawn hollow on the axes' floor.")
     if rows.empty:
         art.reason = ("no edge-faithfulness study stored; compute one with `circuitbench report "
                       "--edge-faithfulness CIRCUIT.json|RUN_ID`")
@@ -223,20 +225,30 @@ def figure(rows: pd.DataFrame) -> Artifact:
     for ax, sid in zip(flat, studies):
         s = rows[rows["study_id"] == sid]
         x, y = s["model_without"].to_numpy(float), s["circuit_without"].to_numpy(float)
-        positive = np.concatenate([x[x > 0], y[y > 0]])
-        floor = positive.min() / 2 if len(positive) else 1e-8
+        # log axes: values below 1e-4 of the largest (an edge that changes nothing) sit on the floor,
+        # drawn hollow, so one zero does not stretch the axes over ten decades
+        top = max(float(np.nanmax(np.concatenate([x, y]))), 1e-12)
+        floor = top * CLIP_RATIO
         xs, ys = np.maximum(x, floor), np.maximum(y, floor)
-        kinds = [_edge_kind(e) for e in s["edge"]]
+        clipped = (x < floor) | (y < floor)
+        kinds = np.array([_edge_kind(e) for e in s["edge"]])
         for kind in ("q", "k", "v", "mlp", "logits"):
-            sel = np.array([k == kind for k in kinds])
-            if sel.any():
-                pts = ax.scatter(xs[sel], ys[sel], s=14, alpha=0.75, color=EDGE_STYLE[kind]["color"],
-                                 label=f"→ {'MLP' if kind == 'mlp' else kind}", linewidths=0)
-                pts.set_gid("series")
-        lo, hi = min(xs.min(), ys.min()), max(xs.max(), ys.max())
+            sel = kinds == kind
+            if not sel.any():
+                continue
+            colour = EDGE_STYLE[kind]["color"]
+            pts = ax.scatter(xs[sel & ~clipped], ys[sel & ~clipped], s=16, alpha=0.8, color=colour,
+                             label=f"→ {'MLP' if kind == 'mlp' else kind}", linewidths=0)
+            pts.set_gid("series")
+            if (sel & clipped).any():
+                ax.scatter(xs[sel & clipped], ys[sel & clipped], s=22, facecolors="none", edgecolors=colour,
+                           linewidths=1.0)
+        if clipped.any():
+            ax.scatter([], [], s=22, facecolors="none", edgecolors="0.3", label=f"< {floor:.1g} (on the floor)")
+        lo, hi = floor, top
         ax.plot([lo, hi], [lo, hi], color="0.4", linewidth=1, linestyle="--", label="y = x")
         circuit_loss = float(s["circuit_loss"].iloc[0])
-        if circuit_loss > 0:
+        if circuit_loss > floor:
             ax.axhline(circuit_loss, color="0.2", linestyle=":", linewidth=1.2, label="circuit's own loss")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -244,8 +256,8 @@ def figure(rows: pd.DataFrame) -> Artifact:
         ax.set_xlabel(f"{loss}(model ‖ model − e)")
         ax.set_ylabel(f"{loss}(model ‖ circuit − e)")
         above = float((y > x).mean())
-        ax.set_title(f"{s['circuit_name'].iloc[0]}\n{s['task'].iloc[0]} · {s['model'].iloc[0]} · {len(s)} edges, "
-                     f"{above:.0%} above y=x", fontsize=9)
+        ax.set_title(f"{s['circuit_name'].iloc[0]}\n{s['task'].iloc[0]} · {s['model'].iloc[0]} · {len(s)} edges\n"
+                     f"{above:.0%} above y = x · circuit's own {loss} {circuit_loss:.2g}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         if pd.notna(s["run_id"].iloc[0]):
             art.run_ids.append(s["run_id"].iloc[0])

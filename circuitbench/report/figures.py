@@ -28,7 +28,7 @@ def _grid(n_panels: int, width: float = 4.3, height: float = 3.4):
 
     ncols = min(n_panels, 4)
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[n_panels:]:
         ax.set_visible(False)
@@ -39,26 +39,98 @@ def _panel_title(task: str, model: str) -> str:
     return f"{task}\n{model}"
 
 
-def _draw_series(ax, curves: list[Curve], colours) -> list[float]:
+class Variants:
+    """Marker per variant of a method (preset, training-set size). In each panel the variant with
+    the most points (the task's main sweep) is drawn with circles; the others (e.g. the scaling
+    runs at n=400 and n=100,000) get a marker of their own, the same in every panel, and the legend
+    names them. Colour says the method, marker the variant."""
+
+    MAIN = "o"
+
+    def __init__(self, panels: list[list[Curve]]):
+        self.main: dict[tuple, tuple] = {}
+        others: dict[tuple, int] = {}
+        for curves in panels:
+            counts: dict[tuple, int] = {}
+            for c in curves:
+                counts[self.key(c)] = counts.get(self.key(c), 0) + len(c.points)
+            if not counts:
+                continue
+            main = max(counts, key=lambda k: (counts[k], -_number(k[1])))
+            self.main[(curves[0].task, curves[0].model)] = main
+            for k in counts:
+                if k != main:
+                    others[k] = others.get(k, 0) + counts[k]
+        order = sorted(others, key=lambda k: (str(k[0]), _number(k[1])))
+        markers = [m for m in style.MARKERS if m != self.MAIN]
+        self.marker = {k: markers[i % len(markers)] for i, k in enumerate(order)}
+        keys = set(self.main.values()) | set(others)
+        self.vary_preset = len({k[0] for k in keys}) > 1
+        self.vary_n = len({k[1] for k in keys}) > 1
+
+    @staticmethod
+    def key(curve: Curve) -> tuple:
+        return (curve.method_preset, curve.n_train)
+
+    def of(self, curve: Curve) -> str:
+        if self.main.get((curve.task, curve.model)) == self.key(curve):
+            return self.MAIN
+        return self.marker[self.key(curve)]
+
+    def label(self, key) -> str:
+        parts = []
+        if self.vary_preset and key[0]:
+            parts.append(f"preset {key[0]}")
+        if self.vary_n and key[1] is not None and not (isinstance(key[1], float) and math.isnan(key[1])):
+            parts.append(f"n={int(key[1]):,}")
+        return ", ".join(parts)
+
+    def legend_entries(self) -> list[tuple[str, str]]:
+        """(marker, label) pairs, the main sweep first; empty when no panel has a second variant."""
+        if not self.marker:
+            return []
+        return [(self.MAIN, "main sweep of the task")] + [(m, self.label(k)) for k, m in self.marker.items()]
+
+
+def _number(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if math.isnan(v) else v
+
+
+def _draw_series(ax, curves: list[Curve], colours, variants: Variants) -> list[float]:
     """Draw each series (line, markers, ±std band); returns every y value drawn (for scaling)."""
     ys = []
-    variant = {}
     for c in curves:
-        i = variant.setdefault(c.method, 0)
-        variant[c.method] = i + 1
         p = c.points
         x = p["sparsity"].to_numpy(float)
         y = p["mean"].to_numpy(float)
         sd = p["std"].to_numpy(float)
         colour = colours[c.method]
-        (line,) = ax.plot(x, y, marker=style.MARKERS[i % len(style.MARKERS)], markersize=4.5, linewidth=1.6,
-                          color=colour, label=c.label)
+        (line,) = ax.plot(x, y, marker=variants.of(c), markersize=5, linewidth=1.6, color=colour, label=c.label)
         line.set_gid("series")
         ys += list(y)
         if (p["n_seeds"] > 1).any():
             ax.fill_between(x, y - sd, y + sd, color=colour, alpha=0.18, linewidth=0)
             ys += list(y - sd) + list(y + sd)
     return ys
+
+
+def _sparsity_axis(ax, xs: list[float]) -> None:
+    """Percent ticks; never past 100% (a single point would otherwise get a symmetric range)."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return
+    lo, hi = min(xs), max(xs)
+    pad = max(0.06 * (hi - lo), 0.004)
+    ax.set_xlim(lo - pad, min(hi + pad, 1.0) if hi < 1.0 else 1.0 + pad / 4)
+    span = ax.get_xlim()[1] - ax.get_xlim()[0]
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0 if span > 0.06 else (1 if span > 0.006 else 2)))
 
 
 def _draw_references(ax, ys: list[float], full: float | None, empty: float | None) -> None:
@@ -79,33 +151,47 @@ def _draw_references(ax, ys: list[float], full: float | None, empty: float | Non
     pad = 0.08 * span
     ax.set_ylim(lo - pad, hi + pad)
     above = empty > hi
-    ax.annotate(f"empty circuit: {empty:.3g} {'↑' if above else '↓'}", xy=(0.98, 0.97 if above else 0.03),
-                xycoords="axes fraction", ha="right", va="top" if above else "bottom", fontsize=8.5,
+    # the note goes in the top (bottom) corner on the side away from the curves' extreme values
+    extreme_x = [x for line in ax.get_lines() if line.get_gid() == "series"
+                 for x, y in zip(line.get_xdata(), line.get_ydata()) if y == (max if above else min)(ys)]
+    x0, x1 = ax.get_xlim()
+    right = not extreme_x or extreme_x[0] < (x0 + x1) / 2
+    ax.annotate(f"empty circuit: {empty:.3g} {'↑' if above else '↓'}",
+                xy=(0.98 if right else 0.02, 0.97 if above else 0.03), xycoords="axes fraction",
+                ha="right" if right else "left", va="top" if above else "bottom", fontsize=8.5,
                 color=style.EMPTY_STYLE["color"],
                 bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
 
 
-def _legend(fig, axes) -> None:
-    handles, labels = {}, []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in handles:
-                handles[lab] = h
-                labels.append(lab)
-    # references last, methods in their drawing order
-    order = [l for l in labels if l not in ("full model", "empty circuit")] + \
-            [l for l in ("full model", "empty circuit") if l in handles]
-    if order:
-        fig.legend([handles[l] for l in order], order, loc="lower center", ncol=min(len(order), 6),
-                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+def _legend(fig, axes, methods: list[str], colours, variants: Variants | None, rect_top: float = 0.95) -> None:
+    """One legend below the panels: a colour per method, a marker per variant (when the figure has
+    several), then the reference lines that appear; then lay the panels out above it."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = [], []
+    for m in methods:
+        handles.append(Line2D([], [], color=colours[m], linewidth=2, marker="o" if variants is None else None))
+        labels.append(m)
+    for marker, label in variants.legend_entries() if variants is not None else []:
+        handles.append(Line2D([], [], color="0.35", linestyle="none", marker=marker, markersize=6))
+        labels.append(label)
+    present = {l.get_label() for ax in axes for l in ax.get_lines() if l.get_gid() == "reference"}
+    for name, st in (("full model", style.FULL_STYLE), ("empty circuit", style.EMPTY_STYLE)):
+        if name in present:
+            handles.append(Line2D([], [], **st))
+            labels.append(name)
+    ncol = min(len(labels), 7)
+    rows = math.ceil(len(labels) / ncol)
+    fig_h = fig.get_size_inches()[1]
+    legend_h = (0.3 * rows + 0.25) / fig_h
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, legend_h, 1, rect_top))
 
 
 def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, what: str,
                   full_reference: bool = True, empty_reference: bool = True) -> Artifact:
     """One panel per (task, model) with the metric ``pick(task's stored metric names)``, one line per
     series, the full model (dashed) and empty circuit (dotted) marked from the stored references."""
-    from matplotlib.ticker import PercentFormatter
-
     art = Artifact(name=name, title=title, section=name, caption=caption)
     panels = []
     for task, model in data.panels:
@@ -121,9 +207,13 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
         return art
     style.apply_theme()
     colours = style.method_colours(data.runs["method"].unique())
+    all_curves = [c for *_, curves in panels for c in curves]
+    variants = Variants([curves for *_, curves in panels])
+    methods = list(dict.fromkeys(c.method for c in all_curves))
     fig, axes = _grid(len(panels))
     for ax, (task, model, metric, curves) in zip(axes, panels):
-        ys = _draw_series(ax, curves, colours)
+        ys = _draw_series(ax, curves, colours, variants)
+        _sparsity_axis(ax, [x for c in curves for x in c.points["sparsity"]])
         full = data.reference(task, model, "full", metric) if full_reference else None
         empty = data.reference(task, model, "empty", metric) if empty_reference else None
         _draw_references(ax, ys, full, empty)
@@ -133,12 +223,10 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
         ax.set_title(_panel_title(task, model))
         ax.set_xlabel("sparsity")
         ax.set_ylabel(metric_label(metric))
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
         for c in curves:
             art.run_ids += c.run_ids
     fig.suptitle(title, y=0.995)
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.07 if len(axes) <= 4 else 0.04, 1, 0.97))
+    _legend(fig, axes, methods, colours, variants, rect_top=1 - 0.35 / fig.get_size_inches()[1])
     art.figure = fig
     return art
 
@@ -178,6 +266,8 @@ def accuracy(data: ReportData) -> Artifact:
 
 def auc_curves(data: ReportData) -> Artifact:
     """The normalised faithfulness curves the AUC integrates, on a log axis of edges kept."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     art = Artifact(name="auc_curves", title="Normalised faithfulness against fraction of edges kept",
                    section="auc",
                    caption="(circuit − empty)/(full − empty) of each task's main metric (logit difference, "
@@ -202,18 +292,27 @@ def auc_curves(data: ReportData) -> Artifact:
         return art
     style.apply_theme()
     colours = style.method_colours(data.runs["method"].unique())
+    all_curves = [n.curve for *_, normed in panels for n in normed]
+    variants = Variants([[n.curve for n in normed] for *_, normed in panels])
+    methods = list(dict.fromkeys(c.method for c in all_curves))
     fig, axes = _grid(len(panels))
     for ax, (task, model, metric, normed) in zip(axes, panels):
-        variant = {}
         for n in normed:
-            i = variant.setdefault(n.curve.method, 0)
-            variant[n.curve.method] = i + 1
-            keep = n.kept > 0
-            (line,) = ax.plot(n.kept[keep], n.faithfulness[keep], marker=style.MARKERS[i % len(style.MARKERS)],
-                              markersize=4, linewidth=1.5, color=colours[n.curve.method], label=n.curve.label)
+            colour = colours[n.curve.method]
+            measured = n.curve.points.sort_values("kept")
+            k = measured["kept"].to_numpy(float)
+            f = (measured["mean"].to_numpy(float) - n.empty) / (n.full - n.empty)
+            (line,) = ax.plot(k, f, marker=variants.of(n.curve), markersize=4, linewidth=1.5, color=colour,
+                              label=n.curve.label)
             line.set_gid("series")
+            # the stretch up to the full model at k = 1 is the anchor, not a measurement
+            if len(k) and k[-1] < 1:
+                ax.plot([k[-1], 1.0], [f[-1], 1.0], color=colour, linewidth=0.9, linestyle=":", alpha=0.8)
             art.run_ids += n.curve.run_ids
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         lo = normed[0].log_from
         if math.isfinite(lo):
             ax.axvspan(lo, 1.0, color="0.5", alpha=0.07, linewidth=0)
@@ -223,47 +322,66 @@ def auc_curves(data: ReportData) -> Artifact:
         ax.set_xlabel("fraction of edges kept")
         ax.set_ylabel(f"normalised {metric_label(metric)}")
     fig.suptitle(art.title, y=0.995)
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.07 if len(axes) <= 4 else 0.04, 1, 0.97))
+    _legend(fig, axes, methods, colours, variants, rect_top=1 - 0.35 / fig.get_size_inches()[1])
     art.figure = fig
     return art
 
 
 def auc_bars(auc_table) -> Artifact:
-    """Bars of the AUC table: per task (x) one bar per series, linear and log axis side by side."""
+    """Bars of the AUC table: per task a group of bars (one per series: colour = method, hatch =
+    a variant other than the task's main sweep), linear axis above, log axis below, values on top."""
     art = Artifact(name="auc", title="Area under the normalised faithfulness curve", section="auc",
                    caption="One number per method and task (higher is better; 1 = as faithful as the full "
-                           "model at every size), integrated on a linear and a log axis of edges kept.")
+                           "model at every size), integrated on a linear and a log axis of edges kept. Hatched "
+                           "bars: runs outside the task's main sweep (another training-set size or preset).")
     if auc_table is None or auc_table.empty:
         art.reason = "no AUC could be computed (needs runs and full-model/empty-circuit references)"
         return art
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     style.apply_theme()
     colours = style.method_colours(auc_table["method"].unique())
-    panels = list(dict.fromkeys(zip(auc_table["task"], auc_table["model"])))
-    series = list(dict.fromkeys(zip(auc_table["method"], auc_table["series"])))
-    width = 0.8 / max(len(series), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.2 * len(panels) * max(len(series), 2) * 0.6 + 3) * 1.0, 3.8),
-                             squeeze=False)
-    for ax, col, label in zip(axes[0], ("auc_linear", "auc_log"), ("linear axis", "log axis")):
-        for i, (method, name) in enumerate(series):
-            rows = auc_table[auc_table["series"] == name].set_index(["task", "model"])
-            heights = [float(rows.loc[p, col]) if p in rows.index else np.nan for p in panels]
-            bars = ax.bar(np.arange(len(panels)) + (i - (len(series) - 1) / 2) * width, heights, width,
-                          color=colours[method], label=name)
-            for bar in bars:
-                bar.set_gid("series")
-        ax.set_xticks(np.arange(len(panels)))
-        ax.set_xticklabels([t if len({m for _, m in panels}) == 1 else f"{t}\n{m}" for t, m in panels],
-                           rotation=20 if len(panels) > 4 else 0)
+    groups = list(dict.fromkeys(zip(auc_table["task"], auc_table["model"])))
+    one_model = len({m for _, m in groups}) == 1
+    positions, centres, x = [], [], 0.0
+    hatches: dict[str, str] = {}
+    for task, model in groups:
+        rows = auc_table[(auc_table["task"] == task) & (auc_table["model"] == model)]
+        # the task's main sweep: the (preset, n_train) with the most points; others are hatched
+        size = rows.groupby(["preset", "n_train"], dropna=False)["sparsities"].sum()
+        main = size.idxmax()
+        width = max(len(rows), 2.4)  # a narrow group would crowd its two-line label
+        start = x + (width - len(rows)) / 2
+        for i, (_, r) in enumerate(rows.iterrows()):
+            variant = None
+            if (r["preset"], r["n_train"]) != main:
+                variant = r["series"][len(r["method"]):].strip(" ()")
+                hatches.setdefault(variant, ("//", "xx", "..", "\\\\", "++")[len(hatches) % 5])
+            positions.append((start + i, r, variant))
+        centres.append(start + (len(rows) - 1) / 2)
+        x += width + 0.8  # gap between tasks
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.42 * x + 2.0), 6.6), squeeze=False)
+    for ax, col, label in zip(axes[:, 0], ("auc_linear", "auc_log"), ("linear axis", "log axis")):
+        for xpos, r, variant in positions:
+            value = float(r[col])
+            bar = ax.bar(xpos, value if math.isfinite(value) else 0.0, 0.85, color=colours[r["method"]],
+                         hatch=hatches.get(variant), edgecolor="white", linewidth=0.5)
+            bar.patches[0].set_gid("series")
+            ax.text(xpos, (value if math.isfinite(value) else 0.0) + 0.02, f"{value:.2f}" if math.isfinite(value)
+                    else "n/a", ha="center", va="bottom", fontsize=7, rotation=90 if len(positions) > 24 else 0)
+        ax.set_xticks(centres)
+        ax.set_xticklabels([t if one_model else f"{t}\n{m}" for t, m in groups], fontsize=9)
+        ax.set_ylim(0, 1.18)
         ax.set_title(f"AUC, {label}")
         ax.set_ylabel("normalised faithfulness AUC")
         ax.axhline(1.0, **style.FULL_STYLE)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    methods = list(dict.fromkeys(auc_table["method"]))
+    handles = [Patch(facecolor=colours[m]) for m in methods] + \
+              [Patch(facecolor="0.75", hatch=h, edgecolor="white") for h in hatches.values()]
+    labels = methods + list(hatches)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False)
     fig.suptitle(art.title, y=0.995)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     art.figure = fig
-    art.run_ids = []
     return art

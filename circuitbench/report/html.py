@@ -49,6 +49,9 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-spac
 th { background: #f4f4f6; position: sticky; top: 0; }
 td.text { text-align: left; }
 .scroll { overflow-x: auto; max-width: 100%; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); gap: 18px; }
+.grid figure { margin: 0; } .grid h3 { font-size: 15px; margin: 0 0 4px; }
+.grid figure img { max-height: 640px; object-fit: contain; width: 100%; background: white; }
 details { font-size: 13px; color: #444; margin: 4px 0 10px; } details code { font-size: 12px; }
 """
 
@@ -89,7 +92,9 @@ def _runs_details(run_ids: list[str]) -> str:
     return f"<details><summary>from {len(ids)} run{'s' if len(ids) != 1 else ''}</summary>{links}</details>"
 
 
-def artifact_html(art: Artifact, out_dir: Path) -> str:
+def artifact_html(art: Artifact, out_dir: Path, thumbnail: bool = False) -> str:
+    """One figure or table with its caption, file links, notes and source runs; ``thumbnail``: the
+    image links to its full-size file (the diagrams grid)."""
     parts = [f'<h3 id="{_e(art.kind)}-{_e(art.name)}">{_e(art.title)}</h3>']
     if not art.has_data:
         parts.append(f'<p class="nodata"><b>No data.</b> {_e(art.reason or "nothing to show")}</p>')
@@ -99,6 +104,8 @@ def artifact_html(art: Artifact, out_dir: Path) -> str:
         png = next((f for f in art.files if f.suffix == ".png"), None)
         links = " ".join(f'<a href="{_e(_rel(f, out_dir))}">{f.suffix[1:].upper()}</a>' for f in art.files)
         img = f'<img src="{_e(_rel(png, out_dir))}" alt="{_e(art.title)}" loading="lazy">' if png else ""
+        if thumbnail and png:
+            img = f'<a href="{_e(_rel(png, out_dir))}">{img}</a>'
         parts.append(f'<figure>{img}<figcaption>{_e(art.caption)} <span class="links">{links}</span>'
                      f'</figcaption></figure>')
     else:
@@ -176,6 +183,13 @@ def write_index(out_dir: Path, data, artifacts: list[Artifact], counts: dict) ->
         arts = by_section.get(key, [])
         if not arts:
             body.append('<p class="nodata"><b>No data.</b> nothing in the store for this section</p>')
+        if key == "diagrams" and any(a.has_data for a in arts):
+            body.append('<p class="caption">One circuit per task, model and method (its sparsest run); click a '
+                        'drawing for the full-size image. Layers run bottom to top; q/k/v inputs enter a head '
+                        'at the left/middle/right in blue/green/red.</p>')
+            body.append('<div class="grid">' + "".join(f"<div>{artifact_html(a, out_dir, thumbnail=True)}</div>"
+                                                        for a in arts) + "</div>")
+            continue
         # figures first, then tables
         for art in sorted(arts, key=lambda a: a.kind != "figure"):
             body.append(artifact_html(art, out_dir))

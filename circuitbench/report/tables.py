@@ -48,9 +48,10 @@ def auc_table(data: ReportData) -> Artifact:
                    caption="f = (circuit − empty)/(full − empty) of the task's main metric, mean over seeds, "
                            "integrated over the fraction of edges kept k: linear axis over k in [0, 1] (the "
                            "curve anchored at the empty circuit, f(0) = 0, and the full model, f(1) = 1); log "
-                           "axis over log10 k from 'log from' (the largest smallest-k any method of the task "
-                           "measured, so every method covers the same range) to 1, divided by that range's "
-                           "width. Higher is better; 1 = as faithful as the full model.")
+                           "axis over log10 k from 'log from' (the largest smallest-k any method of the task's main "
+                           "sweep measured, so those methods cover the same range) to 1, divided by that range's "
+                           "width; a series that does not reach down to it (e.g. a scaling run at one sparsity) has "
+                           "no log-axis value. Higher is better; 1 = as faithful as the full model.")
     rows = []
     for task, model in data.panels:
         metric = auc_metric(data.test_metrics(task))
@@ -62,7 +63,8 @@ def auc_table(data: ReportData) -> Artifact:
             art.notes.append(f"{task} ({model}): no usable full-model/empty-circuit references for {metric}")
         for n in normed:
             c = n.curve
-            rows.append({"task": task, "model": model, "method": c.method, "series": c.label, "metric": metric,
+            rows.append({"task": task, "model": model, "method": c.method, "preset": c.method_preset,
+                         "n_train": c.n_train, "series": c.label, "metric": metric,
                          "full": full, "empty": empty, "sparsities": len(c.points), "seeds": c.n_seeds,
                          "auc_linear": n.auc_linear, "auc_log": n.auc_log, "log from (k)": n.log_from})
             art.run_ids += c.run_ids
@@ -86,20 +88,24 @@ def matched_sparsity(runs: pd.DataFrame) -> float | None:
 
 
 def scaling_table(data: ReportData) -> Artifact:
-    """Per method: the faithfulness loss and discovery wall time at each training-set size."""
+    """Per method: the faithfulness loss and discovery wall time at each training-set size, for the
+    tasks run at two or more sizes."""
     art = Artifact(kind="table", name="scaling", title="Scaling with the training-set size", section="scaling",
-                   caption="For each task and method, the faithfulness loss (KL; MSE to the full model for "
-                           "tracr-xproportion) on the test split and the wall time of the discovery that "
-                           "produced the circuit (a score-based method's single discovery serves all its "
-                           "sparsities), at every training-set size n stored, at one matched sparsity: the "
-                           "largest target sparsity that every method and size of the task was run at. Means "
-                           f"over seeds. The paper's sizes are n = {', '.join(f'{n:,}' for n in PAPER_TRAIN_SIZES)}.")
+                   caption="For each task run at two or more training-set sizes n, and each method: the faithfulness "
+                           "loss (KL; MSE to the full model for tracr-xproportion) on the test split and the wall "
+                           "time of the discovery that produced the circuit (a score-based method's single discovery "
+                           "serves all its sparsities), at one matched sparsity: the largest target sparsity that "
+                           "every method and size of the task was run at. Means over seeds. The paper's sizes are "
+                           f"n = {', '.join(f'{n:,}' for n in PAPER_TRAIN_SIZES)}; an empty cell is a size the method "
+                           "was not run at (or failed at; see the notes).")
     if data.runs.empty:
         art.reason = "the store holds no runs"
         return art
     rows = []
     for task, model in data.panels:
         runs = data.panel_runs(task, model)
+        if runs["n_train"].nunique() < 2:
+            continue
         metric = faithfulness_metric(data.test_metrics(task))
         if metric is None:
             continue
@@ -119,21 +125,33 @@ def scaling_table(data: ReportData) -> Artifact:
                 gn = g[g["n_train"] == n]
                 row[f"{metric} (n={n})"] = float(gn[col].mean()) if len(gn) else math.nan
                 row[f"wall s (n={n})"] = float(gn["wall_total_s"].mean()) if len(gn) else math.nan
+                if gn.empty:
+                    art.notes += _failures(data, task, model, method, n)
             row["seeds"] = int(g["seed"].nunique())
             row["device"] = _join(g["device_name"])
             rows.append(row)
             art.run_ids += list(g["run_id"])
     if not rows:
-        art.reason = "no task has a sparsity common to all its methods and training-set sizes"
+        art.reason = art.reason or ("no task was run at two or more training-set sizes (`circuitbench run "
+                                    "--n-train 200,400,100000 ...`)" if not art.notes else
+                                    "no task has a sparsity common to all its methods and training-set sizes")
         return art
     table = pd.DataFrame(rows)
-    # n-columns of all tasks, in size order, after the fixed columns
+    # the n-columns of every task, in size order (loss, then wall time), after the fixed columns
     fixed = ["task", "model", "method", "preset", "target sparsity", "sparsity", "metric"]
     sized = [c for c in table.columns if "(n=" in c]
-    sized.sort(key=lambda c: (int(c.split("(n=")[1].rstrip(")")), not c.startswith("wall")))
-    table = table[fixed + sized + ["seeds", "device"]]
-    art.table = table
+    sized.sort(key=lambda c: (int(c.split("(n=")[1].rstrip(")")), c.startswith("wall")))
+    art.table = table[fixed + sized + ["seeds", "device"]]
     return art
+
+
+def _failures(data: ReportData, task: str, model: str, method: str, n_train: int) -> list[str]:
+    """Notes for the failed jobs of a (task, model, method, n_train) cell the table leaves empty."""
+    f = data.failed
+    if f is None or f.empty:
+        return []
+    hit = f[(f["task"] == task) & (f["model"] == model) & (f["method"] == method) & (f["n_train"] == n_train)]
+    return [f"{task}: {method} at n={n_train:,} failed: {str(e)[:200]}" for e in hit["error"].dropna().unique()]
 
 
 # ---- runtime -----------------------------------------------------------------------------------------
