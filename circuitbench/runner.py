@@ -391,134 +391,174 @@ def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None
 
 
 # ---- time estimate ----------------------------------------------------------------------------------------
-# Seconds per masked forward pass over a batch of 32 short prompts (~20 tokens) on one core of
-# this project's 2-core CPU machine, measured with `circuitbench bench engine`-style timing; a
-# backward pass counts as two forwards. Used when the store has no measurement of its own.
-ASSUMED_FORWARD_S = {"random:gpt2-tiny": 0.004, "random:llama-tiny": 0.005, "tracr:xproportion": 0.001,
-                     "tracr:reverse": 0.001, "random:gpt2-small": 0.35, "gpt2": 0.35, "smollm2-135m": 0.6}
-ASSUMED_FORWARD_S_UNKNOWN = 1.0
-ASSUMED_GPU_SPEEDUP = 20.0
+# The dry run's cost model. A masked forward pass over one example costs, per token, twice the
+# model's non-embedding parameters (its matrix multiplies) plus twice edges x d_model (each reader
+# sums its writers' outputs), plus a fixed per-layer overhead per pass; a backward pass costs two
+# forwards. Throughputs are assumptions, not measurements of this machine: they are replaced by
+# measurements as soon as the store holds finished jobs of the same method, model and device.
+ASSUMED_FLOPS = {"cpu": 20e9, "cuda": 50e12}  # sustained float32 FLOP/s: a 2-core CPU; one modern GPU
+ASSUMED_LAYER_OVERHEAD_S = {"cpu": 2e-3, "cuda": 2e-4}  # per layer and pass: kernel launches, Python
+ASSUMED_TOKENS = 20  # tokens per example (the paper's tasks are 15-25 tokens; Tracr inputs ~5)
+# name -> (layers, heads, kv heads, d_model, non-embedding parameters) for models known offline
+KNOWN_SHAPES = {"gpt2": (12, 12, 12, 768, 85_000_000), "smollm2-135m": (30, 9, 3, 576, 106_000_000),
+                "tracr:xproportion": (2, 1, 1, 16, 2_000), "tracr:reverse": (4, 1, 1, 32, 10_000)}
 
 
-def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, str]:
-    """(forward, backward) passes over a batch a job is expected to make, and how that was found.
+def model_shape(model: str) -> tuple[int, int, int, int, int] | None:
+    """(layers, heads, kv heads, d_model, non-embedding parameters) without loading weights."""
+    from . import models
+
+    if model in KNOWN_SHAPES:
+        return KNOWN_SHAPES[model]
+    if model.startswith("random:") and model[7:] in models.RANDOM_SHAPES:
+        family, kw = models.RANDOM_SHAPES[model[7:]]
+        if family == "gpt2":
+            L, H, d = kw["n_layer"], kw["n_head"], kw["n_embd"]
+            return L, H, H, d, L * 12 * d * d
+        L, H, d = kw["num_hidden_layers"], kw["num_attention_heads"], kw["hidden_size"]
+        kv = kw.get("num_key_value_heads", H)
+        return L, H, kv, d, L * (d * d * (2 + 2 * kv / H) + 3 * d * kw["intermediate_size"])
+    return None
+
+
+def assumed_forward_s(model: str, device: str, batch: int) -> float | None:
+    """Seconds for one masked forward pass over ``batch`` examples under the cost model above."""
+    from .graph import Graph
+
+    shape = model_shape(model)
+    if shape is None:
+        return None
+    L, H, kv, d, params = shape
+    edges = Graph(L, H, kv).n_edges
+    tokens = 6 if model.startswith("tracr:") else ASSUMED_TOKENS
+    flops = batch * tokens * 2 * (params + edges * d)
+    return ASSUMED_LAYER_OVERHEAD_S[device] * L + flops / ASSUMED_FLOPS[device]
+
+
+def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, int, str]:
+    """(forward, backward, batch size, how) a job is expected to spend, in passes over a batch.
 
     A method may declare ``planned_passes(config: dict, n_train: int, n_edges: int | None,
     n_sparsities: int) -> (forward, backward)``; otherwise the count comes from its
     hyperparameters: a circuit-training method's ``steps`` (one forward and one backward each);
-    ``taus`` (greedy search such as ACDC: at most one forward per edge and training batch per
-    threshold, an upper bound); else one forward and backward per training batch, times
-    ``steps`` points on the path for integrated gradients.
+    ``taus`` (greedy search such as ACDC: one trial per edge and training batch per threshold,
+    each trial half a forward pass on average as it restarts at the reader's layer: an upper
+    bound, readers cut off from the output are skipped); else one forward and backward per
+    training batch, times ``steps`` points on the path for integrated gradients.
     """
     from .method import get_method
 
     cls = get_method(job.method)
     cfg = job.method_config
     n_sp = 1 if job.target_sparsity is not None else len(job.sparsities)
+    batch = max(1, min(int(cfg.get("batch_size") or 32), job.n_train))
     hook = getattr(cls, "planned_passes", None)
     if callable(hook):
         fwd, bwd = hook(cfg, job.n_train, n_edges, n_sp)
-        return float(fwd), float(bwd), "method's own count"
-    batch = int(cfg.get("batch_size") or 32)
+        return float(fwd), float(bwd), batch, "method's own count"
     batches = math.ceil(job.n_train / batch)
     if cls.produces == "circuits" and cfg.get("steps"):  # gradient training, one run per target
-        return float(cfg["steps"]), float(cfg["steps"]), f"{cfg['steps']} steps"
-    if cfg.get("taus") or cfg.get("tau") is not None:  # greedy search: at most one trial per edge
+        return float(cfg["steps"]), float(cfg["steps"]), batch, f"{cfg['steps']} steps"
+    if cfg.get("taus") or cfg.get("tau") is not None:
         n_taus = len(cfg["taus"]) if cfg.get("taus") else 1
         edges = n_edges or 1000
-        return float(n_taus * edges * batches), 0.0, f"<= {n_taus} taus x {edges} edges x {batches} batches"
+        return (0.5 * n_taus * edges * batches, 0.0, batch,
+                f"<= {n_taus} tau x {edges} edges x {batches} batch{'es' if batches > 1 else ''} trials")
     reps = int(cfg.get("steps") or 1)  # integrated gradients: one pass per point on the path
-    what = f"{batches} batches" + (f" x {reps} IG steps" if reps > 1 else "")
-    return float(batches * reps), float(batches * reps), what
+    what = f"{batches} batch{'es' if batches > 1 else ''}" + (f" x {reps} IG steps" if reps > 1 else "")
+    return float(batches * reps), float(batches * reps), batch, what
+
+
+def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
+    """From complete jobs: wall times by exact configuration, and seconds per example-forward
+    (wall / ((forward + 2 backward) x batch size)) by (method, model, device type)."""
+    by_config, per_example = {}, {}
+    if store is None:
+        return by_config, per_example
+    df = store.runs()
+    if not len(df):
+        return by_config, per_example
+    for row in df.drop_duplicates("job_id").to_dict(orient="records"):
+        cfg = json.loads(row["config"])
+        dev = str(row["device"]).split(":")[0]
+        key = (row["method"], json.dumps(cfg.get("method_config"), sort_keys=True), row["task"], row["model"],
+               row["n_train"], dev)
+        by_config.setdefault(key, []).append(float(row["wall_total_s"]))
+        fe = (row["forward_passes"] or 0) + 2 * (row["backward_passes"] or 0)
+        batch = max(1, min(int((cfg.get("method_config") or {}).get("batch_size") or 32), int(row["n_train"])))
+        if fe > 0 and row["wall_total_s"]:
+            per_example.setdefault((row["method"], row["model"], dev), []).append(
+                float(row["wall_total_s"]) / (fe * batch))
+        if row.get("eval_s") and row.get("n_examples"):
+            # an evaluation batch is three passes: reference, corrupted and masked
+            per_example.setdefault(("evaluate", row["model"], dev), []).append(
+                float(row["eval_s"]) / (3 * float(row["n_examples"])))
+    return by_config, per_example
 
 
 def estimate_plan(plan: Plan, store: ResultsStore | None) -> tuple[float, list[tuple[Unit, float, str]]]:
-    """Estimated seconds per unit and in total.
+    """Estimated seconds per unit and in total (see the cost model above).
 
-    Per job: the mean measured wall time of stored jobs with the same method configuration, task,
-    model, n_train and device when there are some ("measured"); else planned passes (see
-    `planned_passes`) x seconds per pass, the latter measured from stored jobs on the same model
-    and device (their wall time over their forward + 2 x backward passes) or assumed from
-    `ASSUMED_FORWARD_S` (scaled by batch size / 32, divided by `ASSUMED_GPU_SPEEDUP` on a GPU).
-    Evaluation adds one forward pass per test batch and circuit (the test size is the task's,
-    capped by eval_limit).
+    A job whose exact configuration (method settings, task, model, n_train, device) the store
+    already ran takes that run's mean wall time ("measured"). Otherwise its planned passes
+    (`planned_passes`) x seconds per pass: measured from the store's jobs of the same method,
+    model and device when there are some, else assumed (`assumed_forward_s`). Every circuit's
+    evaluation adds three passes (reference, corrupted, masked) per test batch; a reference unit
+    four.
     """
-    measured_jobs, per_pass = {}, {}
-    if store is not None:
-        df = store.runs()
-        if len(df):
-            df = df.drop_duplicates("job_id")
-            for _, row in df.iterrows():
-                cfg = json.loads(row["config"])
-                key = (row["method"], json.dumps(cfg.get("method_config"), sort_keys=True), row["task"],
-                       row["model"], row["n_train"], row["device"].split(":")[0])
-                measured_jobs.setdefault(key, []).append(float(row["wall_total_s"]))
-                fe = (row["forward_passes"] or 0) + 2 * (row["backward_passes"] or 0)
-                if fe > 0:
-                    batch = int(cfg.get("method_config", {}).get("batch_size") or 32)
-                    pk = (row["model"], row["device"].split(":")[0])
-                    per_pass.setdefault(pk, []).append(float(row["wall_total_s"]) / fe * 32 / batch)
     from .tasks import get_task
 
+    by_config, per_example = _measured_rates(store)
+    dev = plan.device.split(":")[0]
     out, total = [], 0.0
-    n_edges_cache: dict[str, int | None] = {}
     for unit in plan.units:
-        job_or_ref = unit.job if unit.job is not None else unit.reference
-        model, dev = job_or_ref.model, plan.device.split(":")[0]
-        if (model, dev) in per_pass:
-            fwd_s = float(np.median(per_pass[(model, dev)]))
-            basis = "measured step time"
-        else:
-            fwd_s = ASSUMED_FORWARD_S.get(model, ASSUMED_FORWARD_S_UNKNOWN)
-            if dev == "cuda":
-                fwd_s /= ASSUMED_GPU_SPEEDUP
-            basis = "assumed step time"
-        task = get_task(job_or_ref.task)
+        item = unit.job if unit.job is not None else unit.reference
+        task = get_task(item.task)
         n_test = int(task.sizes.get("test", 0))
-        if job_or_ref.eval_limit is not None:
-            n_test = min(n_test, job_or_ref.eval_limit)
-        eval_forward = math.ceil(n_test / job_or_ref.eval_batch_size) * (job_or_ref.eval_batch_size / 32)
+        if item.eval_limit is not None:
+            n_test = min(n_test, item.eval_limit)
+        eval_batch = min(item.eval_batch_size, max(n_test, 1))
+        eval_batches = math.ceil(n_test / eval_batch)
+
+        def seconds(kind: str, batch: int):
+            rates = per_example.get((kind, item.model, dev))
+            if rates:
+                return float(np.median(rates)) * batch, "measured"
+            s = assumed_forward_s(item.model, dev, batch)
+            return (s, "assumed") if s is not None else (None, "unknown model shape")
+
+        eval_pass, eval_basis = seconds("evaluate", eval_batch)
         if unit.kind == "reference":
-            secs = 2 * eval_forward * fwd_s
-            how = f"2 evaluations ({basis})"
+            secs = 4 * eval_batches * eval_pass if eval_pass is not None else float("nan")
+            how = f"full + empty on {n_test} test examples ({eval_basis} pass time)"
         else:
             job = unit.job
             n_circuits = len(unit.sparsities) if unit.kind == "extend" else len(job.sparsities)
-            secs = n_circuits * eval_forward * fwd_s
-            key = (job.method, json.dumps(job.method_config, sort_keys=True), job.task,
-                   job.model, job.n_train, dev)
+            secs = 3 * eval_batches * n_circuits * eval_pass if eval_pass is not None else float("nan")
+            key = (job.method, json.dumps(job.method_config, sort_keys=True), job.task, job.model, job.n_train, dev)
             if unit.kind == "extend":
-                how = f"{n_circuits} evaluation{'s' if n_circuits > 1 else ''} ({basis})"
-            elif key in measured_jobs:
-                secs += float(np.mean(measured_jobs[key]))
-                how = f"measured ({len(measured_jobs[key])} stored jobs)"
+                how = f"{n_circuits} evaluation{'s' if n_circuits > 1 else ''} ({eval_basis} pass time)"
+            elif key in by_config:
+                secs += float(np.mean(by_config[key]))
+                how = f"measured: {len(by_config[key])} stored run(s) of this configuration"
             else:
-                if model not in n_edges_cache:
-                    n_edges_cache[model] = _edges_of(model)
-                fwd, bwd, what = planned_passes(job, n_edges_cache[model])
-                batch = int(job.method_config.get("batch_size") or 32)
-                secs += (fwd + 2 * bwd) * fwd_s * batch / 32
-                how = f"{what} x {basis}"
+                shape = model_shape(job.model)
+                n_edges = None
+                if shape is not None:
+                    from .graph import Graph
+                    n_edges = Graph(*shape[:3]).n_edges
+                fwd, bwd, batch, what = planned_passes(job, n_edges)
+                pass_s, basis = seconds(job.method, batch)
+                secs = secs + (fwd + 2 * bwd) * pass_s if pass_s is not None else float("nan")
+                how = f"{what} x {basis} pass time"
         out.append((unit, secs, how))
         total += secs
     return total, out
 
 
-def _edges_of(model: str) -> int | None:
-    """Edge count of a model's graph when it is known without loading weights."""
-    from . import models
-    from .graph import Graph
-
-    if model.startswith("random:"):
-        _, kw = models.RANDOM_SHAPES[model.split(":", 1)[1]]
-        layers = kw.get("n_layer", kw.get("num_hidden_layers"))
-        heads = kw.get("n_head", kw.get("num_attention_heads"))
-        return Graph(layers, heads, kw.get("num_key_value_heads")).n_edges
-    known = {"gpt2": Graph(12, 12), "smollm2-135m": Graph(30, 9, 3)}
-    return known[model].n_edges if model in known else None
-
-
 def format_seconds(s: float) -> str:
+    if math.isnan(s):
+        return "?"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
@@ -673,8 +713,10 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), file=out)
     par = workers if backend == "local" else 1
     print(f"estimated time: {format_seconds(total / max(par, 1))}"
-          + (f" ({format_seconds(total)} of work over {par} workers)" if par > 1 else "")
-          + ". Estimate = per job, planned passes x seconds per pass (measured from this store's earlier "
-            "jobs on the same model and device when it has some, otherwise assumed for a 2-core CPU), "
-            "plus one forward pass per test batch per circuit; jobs with the same configuration "
-            "already in the store use their measured time.", file=out)
+          + (f" ({format_seconds(total)} of work over {par} workers)" if par > 1 else ""), file=out)
+    print("how: per job, its planned passes (gradient steps; ACDC: one trial per edge and batch, an upper "
+          "bound; one pass per batch for attribution) x the time of one pass, plus three passes per test "
+          "batch for each circuit's evaluation. Pass times are measured from this store's finished jobs of "
+          "the same method, model and device when it has some; otherwise assumed from the model's size "
+          f"({ASSUMED_FLOPS['cpu'] / 1e9:.0f} GFLOP/s on a CPU, {ASSUMED_FLOPS['cuda'] / 1e12:.0f} TFLOP/s "
+          "on a GPU). A configuration already run here takes its measured time.", file=out)

@@ -3,9 +3,8 @@
     python tests/reference/compare_smoke.py RESULTS_DIR            # exit 1 and list differences
     python tests/reference/compare_smoke.py RESULTS_DIR --update   # rewrite tests/reference/smoke.json
 
-Exact: the set of jobs (method, task, model, n_train, seed, target sparsity and the job id, which
-hashes the full configuration), every circuit's edge count and realised sparsity, and the set of
-metrics. Within a tolerance: metric values, |a - b| <= ABS_TOL + REL_TOL * |b| (float arithmetic
+Exact: the set of runs (method, task, model, n_train, seed, target sparsity), every circuit's edge
+count and realised sparsity, and the set of metrics. Within a tolerance: metric values, |a - b| <= ABS_TOL + REL_TOL * |b| (float arithmetic
 may differ in the last bits between CPUs and BLAS builds, and training amplifies that a little).
 """
 from __future__ import annotations
@@ -60,7 +59,7 @@ def compare(got: dict, want: dict) -> list[str]:
         problems += [f"{section}: missing {k}" for k in missing] + [f"{section}: unexpected {k}" for k in extra]
     for key in sorted(set(got["runs"]) & set(want["runs"])):
         g, w = got["runs"][key], want["runs"][key]
-        for field in ("job_id", "n_edges", "total_edges"):
+        for field in ("n_edges", "total_edges"):
             if g[field] != w[field]:
                 problems.append(f"{key}: {field} {g[field]} != reference {w[field]}")
         if not math.isclose(g["sparsity"], w["sparsity"], abs_tol=1e-12):
