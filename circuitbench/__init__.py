@@ -3,10 +3,12 @@
 Public API: `load_model`, `MaskedModel`, `Graph`, `Circuit`, `evaluate`, `UserError`.
 """
 from .engine import CorruptedCache, MaskedModel
+from .circuit import Circuit
 from .errors import UserError
+from .evaluate import evaluate
 from .graph import Graph
 from .models import LoadedModel, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CorruptedCache", "Graph", "LoadedModel", "MaskedModel", "UserError", "load_model", "__version__"]
+__all__ = ["Circuit", "CorruptedCache", "Graph", "evaluate", "LoadedModel", "MaskedModel", "UserError", "load_model", "__version__"]
