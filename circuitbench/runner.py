@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -307,8 +308,10 @@ def check_model_spec(spec: str) -> None:
         raise UserError(f"unknown model {spec!r}: {first}") from None
 
 
-def _backend_context(backend: str, cluster: str | None):
-    """joblib's parallel_config for a cluster backend, or a clear error when its extra is missing."""
+@contextmanager
+def _cluster_backend(backend: str, cluster: str | None):
+    """joblib's backend for an existing Dask or Ray cluster, connected for the sweep's duration;
+    a clear `UserError` when the optional extra is not installed or the cluster cannot be reached."""
     from joblib import parallel_config
 
     if backend == "dask":
@@ -316,10 +319,18 @@ def _backend_context(backend: str, cluster: str | None):
             from dask.distributed import Client
         except ImportError:
             raise UserError("--backend dask needs Dask: pip install 'circuitbench[dask]'") from None
-        client = Client(cluster) if cluster else Client()
+        try:
+            client = Client(cluster) if cluster else Client()
+        except (OSError, TimeoutError) as err:
+            raise UserError(f"--backend dask: cannot connect to the Dask scheduler at {cluster} ({err})") from None
         print(f"dask: {'connected to ' + cluster if cluster else 'started a local cluster'} "
               f"({client.dashboard_link})", file=sys.stderr)
-        return parallel_config(backend="dask")
+        try:
+            with parallel_config(backend="dask"):
+                yield
+        finally:
+            client.close()
+        return
     if backend == "ray":
         try:
             import ray
@@ -331,7 +342,12 @@ def _backend_context(backend: str, cluster: str | None):
         except Exception as err:  # ray raises ConnectionError / RuntimeError when no cluster runs
             raise UserError(f"--backend ray: cannot connect to a Ray cluster at {cluster or 'auto'} ({err})") from None
         register_ray()
-        return parallel_config(backend="ray")
+        try:
+            with parallel_config(backend="ray"):
+                yield
+        finally:
+            ray.shutdown()
+        return
     raise AssertionError(backend)
 
 
@@ -596,14 +612,9 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
         check_writable(results)
     store = ResultsStore(results) if (not dry_run or os.path.exists(os.path.join(results, "results.db"))) else None
 
-    workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
-    if dev.startswith("cuda") and backend == "local" and workers > 1:
-        print(f"note: jobs on {dev} run one at a time so their runtimes are comparable (--jobs {n_jobs} ignored)",
-              file=sys.stderr)
-        workers = 1
-    threads = None
-    if backend == "local" and workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    workers, threads, note = execution_plan(dev, backend, n_jobs)
+    if note:
+        print(note, file=sys.stderr)
     in_process = backend == "local" and workers == 1
     plan = make_plan(jobs_planned, refs_planned, store, dev, dtype_name, progress and in_process, threads, warnings)
     summary = RunSummary(planned_jobs=len(plan.jobs), skipped_jobs=len(plan.skipped), dry_run=dry_run)
@@ -619,7 +630,7 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
         return summary
 
     print(f"{len(plan.jobs)} jobs planned, {len(plan.skipped)} already complete in {results}; "
-          f"{len(plan.units)} units to run on {dev} ({'in this process' if in_process else f'{workers} workers, {backend}'})",
+          f"{len(plan.units)} units to run on {dev} ({_execution(in_process, workers, backend)})",
           file=out, flush=True)
     if not plan.units:
         store.close()
@@ -627,21 +638,18 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
-    ctx = _backend_context(backend, cluster) if backend != "local" else None
+    ctx = _cluster_backend(backend, cluster) if backend != "local" else nullcontext()
     try:
-        if ctx is not None:
-            ctx.__enter__()
-        parallel = Parallel(n_jobs=1 if in_process else (workers if backend == "local" else -1),
-                            backend=None if backend != "local" else ("sequential" if in_process else "loky"),
-                            return_as="generator_unordered", pre_dispatch="n_jobs" if not in_process else 1)
-        with tqdm(total=len(plan.units), desc="jobs", unit="job", disable=not progress, position=0,
-                  dynamic_ncols=True) as bar:
-            for result in parallel(delayed(execute)(u) for u in plan.units):
-                _record(store, result, summary, bar)
-                bar.update(1)
+        with ctx:
+            parallel = Parallel(n_jobs=1 if in_process else (workers if backend == "local" else -1),
+                                backend=None if backend != "local" else ("sequential" if in_process else "loky"),
+                                return_as="generator_unordered", pre_dispatch=1 if in_process else "n_jobs")
+            with tqdm(total=len(plan.units), desc="jobs", unit="job", disable=not progress, position=0,
+                      dynamic_ncols=True) as bar:
+                for result in parallel(delayed(execute)(u) for u in plan.units):
+                    _record(store, result, summary, bar)
+                    bar.update(1)
     finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
         store.close()
     summary.wall_s = time.perf_counter() - t_start
     done = f"{summary.recorded_jobs} jobs recorded, {summary.references} reference sets"
@@ -676,6 +684,30 @@ def _record(store: ResultsStore, result: dict, summary: RunSummary, bar) -> None
     bar.set_postfix_str(f"last: {label}", refresh=False)
 
 
+def execution_plan(device: str, backend: str, n_jobs: int, cpus: int | None = None):
+    """(workers, torch threads per worker or None, note or None) for local execution.
+
+    On a GPU, local jobs run one at a time: two jobs sharing a GPU would time each other. Local
+    worker processes split the CPU cores between them (one thread each on two cores and two jobs).
+    """
+    cpus = cpus or os.cpu_count() or 1
+    workers = n_jobs if n_jobs > 0 else cpus
+    note = None
+    if device.startswith("cuda") and backend == "local" and workers > 1:
+        note = f"note: jobs on {device} run one at a time so their runtimes are comparable (--jobs {n_jobs} ignored)"
+        workers = 1
+    threads = max(1, cpus // workers) if backend == "local" and workers > 1 else None
+    return workers, threads, note
+
+
+def _execution(in_process: bool, workers: int, backend: str) -> str:
+    if in_process:
+        return "in this process"
+    if backend == "local":
+        return f"{workers} workers"
+    return f"the {backend} cluster's workers"
+
+
 def _ref_dict(ref: Reference) -> dict:
     return {"ref_id": ref.ref_id, "task": ref.task, "model": ref.model, "dtype": ref.dtype, "device": ref.device,
             "data_seed": ref.data_seed, "eval_limit": ref.eval_limit}
@@ -686,8 +718,7 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
     for line in plan.warnings:
         print(line, file=out)
     print(f"results: {results}   device: {device}   dtype: {plan.dtype}   execution: "
-          f"{'in this process' if workers == 1 and backend == 'local' else f'{workers} workers ({backend})'}",
-          file=out)
+          f"{_execution(workers == 1 and backend == 'local', workers, backend)}", file=out)
     print(f"{len(plan.jobs)} jobs planned; {len(plan.skipped)} already complete; "
           f"{len(plan.units)} units to run (dry run: nothing is run)", file=out)
     rows = []

@@ -48,7 +48,6 @@ class _Fake(CircuitMethod):
         return torch.rand(g.n_writers, g.n_readers, generator=seeded_generator(seed)) * self.config.scale
 
 
-@register_method
 class FakeScores(_Fake):
     name = "fake-scores"
     produces = "scores"
@@ -62,7 +61,6 @@ class FakeScores(_Fake):
         return MethodResult(scores=scores, cost=meter.finish(), log=[{"step": 0}])
 
 
-@register_method
 class FakeCircuits(_Fake):
     name = "fake-circuits"
     produces = "circuits"
@@ -78,13 +76,25 @@ class FakeCircuits(_Fake):
         return MethodResult(circuits=circuits, cost=meter.finish())
 
 
-@register_method
 class FakeFailing(_Fake):
     name = "fake-fail"
     produces = "scores"
 
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
         raise RuntimeError("this method always fails")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fake_methods():
+    """Register the fake methods for this module only: the registry is process-wide, and other
+    test modules check that it holds exactly the built-in methods."""
+    from circuitbench import method
+    fakes = (FakeScores, FakeCircuits, FakeFailing)
+    for cls in fakes:
+        register_method(cls)
+    yield
+    for cls in fakes:
+        method._REGISTRY.pop(cls.name, None)
 
 
 def sweep(**flags):
@@ -180,17 +190,17 @@ def test_config_file_errors_and_unwritable_folder(tmp_path, capsys):
     assert "not writable" in err and err.count("\n") == 1
 
 
-def test_missing_cluster_extra(tmp_path, capsys):
-    pytest.importorskip("joblib")
+@pytest.mark.parametrize("backend,module", [("dask", "dask.distributed"), ("ray", "ray")])
+def test_missing_cluster_extra(backend, module, tmp_path, capsys):
     try:
-        import dask.distributed  # noqa: F401
-        pytest.skip("dask is installed")
+        __import__(module)
+        pytest.skip(f"{module} is installed")
     except ImportError:
         pass
-    args = ["run", "--methods", "fake-scores", *_tiny_flags(), "--backend", "dask", "--results", str(tmp_path)]
+    args = ["run", "--methods", "fake-scores", *_tiny_flags(), "--backend", backend, "--results", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "pip install 'circuitbench[dask]'" in err and err.count("\n") == 1
+    assert f"pip install 'circuitbench[{backend}]'" in err and err.count("\n") == 1
     assert ResultsStore(tmp_path).counts()["complete"] == 0
 
 
@@ -301,7 +311,6 @@ def test_runs_are_deterministic(tmp_path):
     assert len(a) == 2 and a == b
 
 
-@pytest.mark.slow
 def test_smoke_preset_matches_reference(tmp_path):
     """`--preset smoke` end to end against tests/reference/smoke.json (the CI regression check)."""
     assert main(["run", "--preset", "smoke", "--results", str(tmp_path), "--no-progress"]) == 0
@@ -332,3 +341,25 @@ def test_results_command(tmp_path, capsys):
     assert (tmp_path / "runs.csv").read_text().count("\n") == 5
     assert main(["results", "--results", str(tmp_path / "none")]) == 2
     assert "no results store" in capsys.readouterr().err
+
+
+def test_dask_backend(tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    # an in-process cluster (threads): the test's fake methods are registered in its workers too
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        s = run_sweep(sweep(methods="fake-scores,fake-circuits", sparsities="0.5,0.9", seeds="0,1"),
+                      results=str(tmp_path), backend="dask", cluster=cluster.scheduler_address, progress=False)
+    assert (s.recorded_jobs, s.references, s.failed_jobs) == (6, 1, [])
+    assert ResultsStore(tmp_path).counts() == {"complete": 6, "failed": 0, "runs": 8, "references": 1}
+
+
+def test_execution_plan():
+    from circuitbench.runner import execution_plan
+
+    assert execution_plan("cpu", "local", 1, cpus=2) == (1, None, None)
+    assert execution_plan("cpu", "local", 2, cpus=2) == (2, 1, None)
+    assert execution_plan("cpu", "local", -1, cpus=4) == (4, 1, None)
+    workers, threads, note = execution_plan("cuda:0", "local", 4, cpus=16)
+    assert (workers, threads) == (1, None) and "one at a time" in note  # timed GPU jobs never share
+    assert execution_plan("cpu", "dask", 1, cpus=2) == (1, None, None)
