@@ -223,7 +223,9 @@ def draw_circuits(circuits, titles=None, compare_to=None, panel_width=None, font
             for y, label in rows:
                 ax.text(-0.02, y, label, ha="right", va="center", fontsize=fontsize, color="0.3",
                         transform=ax.get_yaxis_transform())
-        ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
+        # one data unit (a head's slot) is ~0.92 in whatever the panel's width, so boxes keep their shape
+        centre, half = (min(xs) + max(xs)) / 2, max((max(xs) - min(xs)) / 2 + 0.8, width / 0.92 / 2)
+        ax.set_xlim(centre - half, centre + half)
         ax.set_ylim(-0.7, n_rows - 0.3)
         ax.axis("off")
         title = titles[k] if titles else circuit.meta.get("name", "circuit")

@@ -28,7 +28,8 @@ def _grid(n_panels: int, width: float = 4.3, height: float = 3.4):
 
     ncols = min(n_panels, 4)
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False)
+    # at least wide enough for the title and a legend row, however few panels there are
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(width * ncols, 7.0), height * nrows + 0.9), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[n_panels:]:
         ax.set_visible(False)
@@ -180,9 +181,11 @@ def _legend(fig, axes, methods: list[str], colours, variants: Variants | None, r
         if name in present:
             handles.append(Line2D([], [], **st))
             labels.append(name)
-    ncol = min(len(labels), 7)
+    # as many entries per row as fit the figure's width (an entry: handle, gap and its text)
+    fig_w, fig_h = fig.get_size_inches()
+    entry_w = max(0.75 + 0.085 * len(label) for label in labels)
+    ncol = max(1, min(len(labels), int((fig_w - 0.3) // entry_w)))
     rows = math.ceil(len(labels) / ncol)
-    fig_h = fig.get_size_inches()[1]
     legend_h = (0.3 * rows + 0.25) / fig_h
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, legend_h, 1, rect_top))
