@@ -22,6 +22,7 @@ COMMANDS = [
     "tasks",
     "evaluate",
     "report",
+    "casestudy",
 ]
 
 

@@ -15,6 +15,14 @@ requested number of edges. Both keep the edges of largest deterministic value (t
 alpha), which is the threshold cut found by binary search, made exact. The realised sparsity is
 reported in each circuit's meta and in ``MethodResult.info``.
 
+Data parallelism: with ``data_parallel`` set (a `circuitbench.distributed.DataParallel`, as
+``torchrun -m circuitbench.distributed`` does), every process walks the same seeded sequence of
+global batches, draws the same mask samples, and runs the masked pass on its own shard of each
+batch; the gradients of the log alphas and lambdas are summed across processes before the optimiser
+step, with each shard's KL weighted by its share of the global batch, so every process takes the
+step one process would take on the whole batch and the masks stay identical everywhere.
+``gradient_checkpointing`` recomputes each layer in the backward pass (`MaskedModel(checkpoint=True)`).
+
 Presets: ``paper`` is appendix B of the paper for GPT-2 (batch 32, 3,000 steps, ramp over 2,500,
 learning rate 0.8 for masks and lambdas, node targets per task) and, for the Tracr tasks, the
 paper's Tracr settings (fixed edge and node targets whatever sparsity is requested); ``quick`` and
@@ -61,6 +69,7 @@ class EdgePruningConfig:
     warm_start: object = None  # None, a [W, R] score tensor, or a registered method's name (e.g. "eap-ig")
     warm_start_scale: float = 3.0  # |log alpha| of the best and worst ranked edges after a warm start
     cache_mib: float = 2048.0  # keep prepared batches (corrupted caches) when they fit in this
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (large models)
     log_every: int = 10
     per_task: dict = field(default_factory=dict)
 
@@ -101,6 +110,9 @@ class EdgePruning(CircuitMethod):
                   "per_task": _smoke_tasks()},
     }
     produces = "circuits"
+    supports_data_parallel = True
+    # set by circuitbench.distributed: a DataParallel (rank, world size, gradient all-reduce), or None
+    data_parallel = None
 
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
@@ -109,8 +121,18 @@ class EdgePruning(CircuitMethod):
         if not sparsities:
             raise UserError("edge pruning needs at least one target sparsity")
         meter = CostMeter(engine.device)
+        dp = self.data_parallel
+        if dp is not None and cfg.batch_size < dp.world_size:
+            raise UserError(f"a global batch of {cfg.batch_size} cannot be split over {dp.world_size} processes; "
+                            f"use batch_size >= {dp.world_size}")
         with meter.phase("setup"):
             plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed)
+            # every process keeps the same global partition and prepares only its shard of each batch;
+            # kl_scales[i]: the factor turning the shard's KL sum into its part of batch i's mean
+            kl_scales = [1.0 / len(part) for part in plan.parts]
+            if dp is not None:
+                kl_scales = [dp.weight(part) / len(part) for part in plan.parts]
+                plan.parts = [dp.shard(part) for part in plan.parts]
             warm = None
             if cfg.warm_start is not None:
                 warm = self._warm_scores(cfg, engine, task, train, validation, sparsities, seed, meter)
@@ -118,21 +140,27 @@ class EdgePruning(CircuitMethod):
         # Tracr presets fix the training target: one run serves every requested sparsity.
         targets = {s: (cfg.edge_target if cfg.edge_target is not None else s) for s in sparsities}
         runs: dict[float, tuple] = {}
-        for i, s in enumerate(sparsities):
-            t = targets[s]
-            key = (t, s if cfg.discretise == "exact" else None)
-            if key not in runs:
-                runs[key] = self._train_one(cfg, engine, task, plan, t, s, warm, seed, meter, progress,
-                                            f"ep {i + 1}/{len(sparsities)} t={t:g}")
-            circuit, info, log = runs[key]
-            result.circuits[s] = circuit
-            result.info["targets"][s] = info
-            result.log.extend({"target_sparsity": s, **row} for row in log)
+        checkpoint_before = engine.checkpoint
+        engine.checkpoint = cfg.gradient_checkpointing or checkpoint_before
+        try:
+            for i, s in enumerate(sparsities):
+                t = targets[s]
+                key = (t, s if cfg.discretise == "exact" else None)
+                if key not in runs:
+                    runs[key] = self._train_one(cfg, engine, task, plan, kl_scales, t, s, warm, seed, meter,
+                                                progress, f"ep {i + 1}/{len(sparsities)} t={t:g}")
+                circuit, info, log = runs[key]
+                result.circuits[s] = circuit
+                result.info["targets"][s] = info
+                result.log.extend({"target_sparsity": s, **row} for row in log)
+        finally:
+            engine.checkpoint = checkpoint_before
         result.cost = meter.finish()
         return result
 
     # ---- one run -------------------------------------------------------------------------------------
-    def _train_one(self, cfg, engine, task, plan, target, requested, warm, seed, meter, progress, desc):
+    def _train_one(self, cfg, engine, task, plan, kl_scales, target, requested, warm, seed, meter, progress,
+                   desc):
         g = engine.graph
         dev = engine.device
         hc = HardConcrete(cfg.beta, cfg.left, cfg.right, cfg.eps)
@@ -160,20 +188,27 @@ class EdgePruning(CircuitMethod):
                 start = 0.0 if warm is None else float(1 - _expected_density(hc, la_edge, la_node, valid, n_edges))
 
         log = []
+        dp = self.data_parallel
+        if dp is not None:
+            progress = progress and dp.rank == 0
         bar = progress_bar(cfg.steps, desc, progress)
         batches = _cycle(plan, batch_gen)
         with meter.phase("train"):
             for step in range(cfg.steps):
                 frac = min(1.0, step / cfg.ramp_steps) if cfg.ramp_steps > 0 else 1.0
                 t_edge = start + (target - start) * frac
-                prepared = next(batches)
+                index, prepared = next(batches)
                 b = prepared.batch
                 z_edge = hc.sample(la_edge, gen)
                 z_node = hc.sample(la_node, gen)
                 logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=z_edge.to(engine.dtype),
                                 node_mask=z_node.to(engine.dtype), positions=b.positions, ablation=plan.ablation,
                                 corrupted=prepared.corrupted)
-                kl = task.loss(logits, prepared.reference, b).float().mean()
+                per_example = task.loss(logits, prepared.reference, b).float()
+                if dp is None:
+                    kl = per_example.mean()
+                else:  # this shard's part of the global batch mean (a stand-in shard counts zero)
+                    kl = per_example.sum() * kl_scales[index]
                 density = _expected_density(hc, la_edge, la_node, valid, n_edges)
                 gap = t_edge - (1 - density)
                 reg = lambdas[0] * gap + lambdas[1] * gap ** 2
@@ -181,10 +216,14 @@ class EdgePruning(CircuitMethod):
                 if node_target is not None:
                     gap_n = node_target * frac - node_s
                     reg = reg + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
+                if dp is not None:
+                    reg = reg / dp.world_size  # the all-reduce below sums world_size copies of it
                 loss = kl + reg
                 opt.zero_grad(set_to_none=True)
                 opt_l.zero_grad(set_to_none=True)
                 loss.backward()
+                if dp is not None:
+                    kl, loss = _all_reduce_step(dp, (la_edge, la_node, lambdas), kl.detach(), loss.detach())
                 meter.forward()
                 meter.backward()
                 if cfg.fix_lambda1:
@@ -281,8 +320,22 @@ def _top_edges(value, tie, valid, k):
 
 
 def _cycle(plan, generator):
+    """(index, prepared batch) forever, each epoch in a seeded shuffled order."""
     while True:
-        yield from plan.epoch(generator)
+        for i in torch.randperm(len(plan), generator=generator).tolist():
+            yield i, plan.get(i)
+
+
+def _all_reduce_step(dp, params, kl, loss):
+    """Sum the parameters' gradients, this step's KL and loss over the processes, in one all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [kl.reshape(1).float(), loss.reshape(1).float()])
+    dp.all_reduce_sum(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+    return flat[-2], flat[-1]
 
 
 def _warm_name(ws):

@@ -1,0 +1,619 @@
+"""Edge Pruning across processes and devices: data-parallel mask training, FSDP-sharded frozen
+models, bf16 and gradient checkpointing, and a per-device memory estimate.
+
+Data parallelism. Every process (rank) holds the same log alphas and Lagrange multipliers. Each
+step, every rank takes the same global batch of the seeded partition (the one a single process
+would take), runs the masked pass on its shard of it (examples ``rank::world_size``), and the
+gradients of the log alphas and lambdas are summed across ranks with one all-reduce before the
+optimiser step, each shard's KL weighted by its share of the global batch. Mask samples come from
+the same seeded generator on every rank, so each rank takes the step one process would take on
+the whole batch and the masks stay identical (``tests/test_distributed.py`` checks this against a
+single process on CPU with the gloo backend).
+
+Sharding the frozen model (``--fsdp``, CUDA only). The model's weights are split over the ranks
+with PyTorch FSDP (``torch.distributed.fsdp.fully_shard``): per decoder layer, one FSDP unit for
+the attention block (input norm + q/k/v/o projections) and one for the MLP block (norm + MLP), and
+one each for the embeddings and the unembedding (final norm + head). The engine runs these units
+through `ShardedLlamaAdapter`, so each unit's weights are gathered just before use, freed after,
+and gathered again for the backward pass (and for the recomputation under gradient
+checkpointing). The weights are frozen, so nothing is reduce-scattered: only the mask gradients
+cross the network. This path needs CUDA and NCCL; it is not exercised by the CPU tests, and on
+CPU ``--fsdp`` is an error. Llama-family models only (CodeLlama, SmolLM2, Mistral-style).
+
+Launching (``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous)::
+
+    # one node, N GPUs: the case study's two circuits on CodeLlama-13B-Instruct
+    torchrun --nproc_per_node N -m circuitbench.distributed --casestudy boolexpr \\
+        --model codellama/CodeLlama-13b-Instruct-hf --preset paper --fsdp --results results
+    # then evaluate both circuits in both settings and their intersection (one GPU, resumable)
+    circuitbench casestudy boolexpr --model codellama/CodeLlama-13b-Instruct-hf --preset paper \\
+        --device cuda --results results
+
+    # several nodes (run on every node; NODE = 0..M-1, HOST:PORT = node 0's address)
+    torchrun --nnodes M --nproc_per_node N --node_rank NODE --rdzv_backend c10d \\
+        --rdzv_endpoint HOST:29500 --rdzv_id casestudy -m circuitbench.distributed \\
+        --casestudy boolexpr --model codellama/CodeLlama-13b-Instruct-hf --preset paper --fsdp
+
+    # any Edge Pruning sweep, data-parallel over CPU processes (gloo) or GPUs
+    torchrun --nproc_per_node 2 -m circuitbench.distributed --task gt --model random:llama-tiny \\
+        --sparsities 0.9 --method-preset smoke
+
+Every rank runs each job (discovery and evaluation, so FSDP's collectives line up); rank 0 writes
+the results store, whose records are those of `circuitbench run` (same job ids: a job finished
+here is complete for `circuitbench run` and `circuitbench casestudy` too). ``--dry-run`` prints
+the plan and `estimate_memory` per device without loading anything.
+
+Memory. `estimate_memory(config, n_devices, batch, seq, dtype, checkpoint)` estimates the peak
+bytes per device from a transformers config alone (weights / shards, the writer stack and its
+gradient, the corrupted cache, per-layer activations with or without checkpointing, the masks and
+their Adam state); `codellama_13b_config()` builds CodeLlama-13B's config without the hub.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+
+# ---- the process group --------------------------------------------------------------------------------
+@dataclass
+class DataParallel:
+    """This process's place in a data-parallel group: how to shard a batch and sum gradients."""
+
+    rank: int
+    world_size: int
+    group: object = None  # a torch.distributed process group; None: the default one
+
+    def shard(self, part: torch.Tensor) -> torch.Tensor:
+        """This rank's examples of a global batch (indices ``part``): ``part[rank::world_size]``. A
+        batch too small to give this rank an example gives it the first one as a stand-in, whose
+        weight is 0 (the rank still runs the pass, so collectives stay in step)."""
+        mine = part[self.rank::self.world_size]
+        return mine if len(mine) else part[:1]
+
+    def weight(self, part: torch.Tensor) -> float:
+        """1 when this rank has real examples of the global batch ``part``, 0 for a stand-in."""
+        return 1.0 if self.rank < len(part) else 0.0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the group, in place."""
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+
+def init_from_env(backend: str | None = None) -> tuple[DataParallel, str]:
+    """Join the process group torchrun describes in the environment; returns (DataParallel, device).
+
+    Backend: NCCL with one GPU per local rank when CUDA is available, else gloo on CPU."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("no torchrun environment (RANK, WORLD_SIZE): launch with "
+                        "`torchrun --nproc_per_node N -m circuitbench.distributed ...`")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DataParallel(dist.get_rank(), dist.get_world_size()), device
+
+
+# ---- FSDP sharding of the frozen model (CUDA only) --------------------------------------------------
+class _AttentionBlock(torch.nn.Module):
+    """A decoder layer's input norm and attention projections: one FSDP unit."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.norm = layer.input_layernorm
+        self.attn = layer.self_attn
+
+    def forward(self, x, cos, sin, mask, per_head: bool, n_heads: int, n_kv: int, head_dim: int, scale: float):
+        from .adapters.base import heads_out, project, sdpa
+        from .adapters.llama import _rotate_half
+
+        at, d = self.attn, x.shape[-1]
+
+        def wb(lin, n):  # the gathered weights, viewed per head as the unsharded adapter does
+            b = None if lin.bias is None else lin.bias.view(n, head_dim)
+            return lin.weight.view(n, head_dim, d), b
+
+        q, k, v = project(self.norm(x), [wb(at.q_proj, n_heads), wb(at.k_proj, n_kv), wb(at.v_proj, n_kv)])
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        o = sdpa(q, k, v, mask, True, scale)
+        return heads_out(o, at.o_proj.weight.T.view(n_heads, head_dim, d), per_head)
+
+
+class _MlpBlock(torch.nn.Module):
+    """A decoder layer's post-attention norm and MLP: one FSDP unit."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.norm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def forward(self, x):
+        return self.mlp(self.norm(x))
+
+
+class _Unembed(torch.nn.Module):
+    def __init__(self, norm, head):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, x):
+        return self.head(self.norm(x))
+
+
+class ShardedLlamaAdapter:
+    """The Llama adapter's computation run through FSDP units, so every weight is gathered when a
+    unit runs (forward, backward and checkpoint recomputation) and freed after. Same contract as
+    `circuitbench.adapters.llama.LlamaAdapter`."""
+
+    family = "llama"
+    causal = True
+    has_mlp = True
+
+    def __init__(self, hf_model, device):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        cfg = hf_model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_model = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.dtype = next(hf_model.parameters()).dtype
+        core = hf_model.model
+        self.rotary = core.rotary_emb.to(device)
+        self.scales = [getattr(layer.self_attn, "scaling", self.head_dim ** -0.5) for layer in core.layers]
+        self.attn_bias = [layer.self_attn.o_proj.bias for layer in core.layers]
+        if any(b is not None for b in self.attn_bias):
+            raise UserError("--fsdp supports Llama models without an attention output bias")
+        policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        self.attn_blocks = [_AttentionBlock(layer) for layer in core.layers]
+        self.mlp_blocks = [_MlpBlock(layer) for layer in core.layers]
+        self.embed_unit = core.embed_tokens
+        self.unembed_unit = _Unembed(core.norm, hf_model.lm_head)
+        for unit in [*self.attn_blocks, *self.mlp_blocks, self.embed_unit, self.unembed_unit]:
+            unit.to(device)
+            fully_shard(unit, mp_policy=policy, reshard_after_forward=True)
+
+    @property
+    def graph(self):
+        from .graph import Graph
+
+        return Graph(self.n_layers, self.n_heads, self.n_kv_heads, True)
+
+    def embed(self, ids):
+        return self.embed_unit(ids)
+
+    def context(self, seq_len, attention_mask, device):
+        from .adapters.base import Adapter
+
+        pos = torch.arange(seq_len, device=device)[None]
+        probe = torch.zeros(1, self.head_dim, device=device, dtype=self.dtype)
+        cos, sin = self.rotary(probe, pos)
+        return cos, sin, Adapter.attention_bias(seq_len, attention_mask, True, device, None)
+
+    def attention(self, layer, x, ctx, per_head=True):
+        cos, sin, mask = ctx
+        return self.attn_blocks[layer](x, cos, sin, mask, per_head, self.n_heads, self.n_kv_heads,
+                                       self.head_dim, self.scales[layer])
+
+    def attn_out_bias(self, layer):
+        return None
+
+    def mlp(self, layer, x):
+        return self.mlp_blocks[layer](x)
+
+    def unembed(self, x):
+        return self.unembed_unit(x)
+
+
+def shard_model(model, device: str):
+    """Shard a loaded Llama-family model's weights over the process group with FSDP, in place (the
+    `LoadedModel` keeps its graph and tokenizer and gets a `ShardedLlamaAdapter`)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise UserError("--fsdp shards the model over GPUs and needs CUDA (NCCL); on CPU run without --fsdp "
+                        "(every process then holds the whole model)")
+    if getattr(model.adapter, "family", None) != "llama":
+        raise UserError(f"--fsdp supports Llama-family models; {model.spec} is {model.adapter.family}")
+    model.adapter = ShardedLlamaAdapter(model.hf_model, device)
+    return model
+
+
+# ---- memory estimate -----------------------------------------------------------------------------------
+def codellama_13b_config():
+    """CodeLlama-13B(-Instruct)'s transformers config, from its published shape (no hub access)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, hidden_size=5120,
+                       intermediate_size=13824, vocab_size=32016, max_position_embeddings=16384,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+KNOWN_CONFIGS = {"codellama/CodeLlama-13b-Instruct-hf": codellama_13b_config,
+                 "codellama/CodeLlama-13b-hf": codellama_13b_config}
+
+
+def config_for_spec(spec: str):
+    """A model spec's transformers config without loading weights, or None when it is unknown
+    offline (a hub id not in the cache)."""
+    from . import models
+
+    if spec in KNOWN_CONFIGS:
+        return KNOWN_CONFIGS[spec]()
+    if spec.startswith("random:"):
+        shape = models.RANDOM_SHAPES.get(spec.split(":", 1)[1])
+        if shape is None:
+            return None
+        family, kwargs = shape
+        from transformers import GPT2Config, LlamaConfig
+
+        return (LlamaConfig if family == "llama" else GPT2Config)(**kwargs)
+    if spec == "smollm2-135m":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                           intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    if spec.startswith("tracr:"):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(os.path.expanduser(spec), local_files_only=True)
+    except Exception:
+        return None
+
+
+def _shape(config) -> dict:
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    L = get("num_hidden_layers", "n_layer")
+    H = get("num_attention_heads", "n_head")
+    d = get("hidden_size", "n_embd")
+    G = get("num_key_value_heads") or H
+    ffn = get("intermediate_size", "n_inner") or 4 * d
+    V = get("vocab_size")
+    dh = get("head_dim") or d // H
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    if None in (L, H, d, V):
+        raise UserError("the config lacks layers / heads / hidden size / vocabulary size")
+    return dict(L=L, H=H, G=G, d=d, ffn=ffn, V=V, dh=dh, tied=tied,
+                llama=getattr(config, "model_type", "") in ("llama", "mistral", "codellama"))
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def estimate_memory(config, n_devices: int = 1, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",
+                    checkpoint: bool = True) -> dict:
+    """Peak memory per device (bytes) of Edge Pruning's training step, from a transformers config.
+
+    ``n_devices``: ranks the frozen weights are sharded over (FSDP; 1 = unsharded). ``batch``:
+    examples each device runs per step (its shard of the global batch); ``seq``: tokens per example.
+    Returns a dict of components and ``total`` (bytes), plus ``edges`` and ``mask_entries``:
+
+    * ``weights``: all parameters / n_devices, plus the two largest FSDP units gathered at once
+      (the one running and the one prefetched) when sharded;
+    * ``writer_stack``: the stack D [W, B*S*d] (model dtype) and ``writer_stack_grad`` its gradient;
+    * ``corrupted_cache``: the corrupted writers and residuals of the batch [W + 2L + 1, B*S*d];
+    * ``activations``: what autograd keeps of the masked pass: every layer's (per-reader inputs,
+      their norms, q/k/v, attention outputs, MLP intermediates), or with ``checkpoint`` each layer's
+      input plus one layer's worth being recomputed;
+    * ``masks``: log alphas of every [W, R] entry and per writer (float32), their gradients, Adam's two
+      moments, the sampled masks, and the all-reduce buffer;
+    * ``logits``: the scored position's logits (float32, full model and circuit).
+    """
+    from .graph import Graph
+
+    if n_devices < 1 or batch < 1 or seq < 1:
+        raise UserError("n_devices, batch and seq must be at least 1")
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    s = _shape(config)
+    L, H, G, d, ffn, V, dh = s["L"], s["H"], s["G"], s["d"], s["ffn"], s["V"], s["dh"]
+    e = DTYPE_BYTES[dtype]
+    graph = Graph(L, H, G)
+    W, R = graph.n_writers, graph.n_readers
+    attn_params = d * H * dh * 2 + 2 * d * G * dh + d
+    mlp_params = (3 if s["llama"] else 2) * d * ffn + d
+    embed_params = V * d
+    head_params = (0 if s["tied"] else V * d) + d
+    n_params = L * (attn_params + mlp_params) + embed_params + head_params
+    weights = n_params * e / n_devices
+    if n_devices > 1:  # the running unit and the prefetched one are whole while in use
+        weights += 2 * max(attn_params, mlp_params, embed_params, head_params) * e
+    tokens = batch * seq
+    N = tokens * d  # one writer's row of the stack
+    stack = W * N * e
+    corrupted = (W + 2 * L + 1) * N * e
+    n_attn = H + 2 * G
+    # per layer, kept for backward: per-reader inputs, their float32 norm intermediates and normed
+    # copies, q/k/v before and after rotary, the attention output (+ its logsumexp), and the MLP's
+    # input, norm, gate, up and activation
+    per_layer = (n_attn * N * (e + 4 + e) + 2 * n_attn * tokens * dh * e + H * tokens * (dh * e + 4)
+                 + N * (e + 4 + e) + 3 * tokens * ffn * e)
+    activations = (L * N * e + per_layer) if checkpoint else L * per_layer
+    entries = W * R + W
+    masks = entries * 4 * 7  # log alpha, grad, 2 Adam moments, sample, effective mask, all-reduce buffer
+    logits = 2 * batch * V * 4
+    out = {"weights": weights, "writer_stack": stack, "writer_stack_grad": stack, "corrupted_cache": corrupted,
+           "activations": activations, "masks": masks, "logits": logits}
+    out["total"] = sum(out.values())
+    out.update(edges=graph.n_edges, mask_entries=entries, parameters=n_params)
+    return out
+
+
+def acdc_seconds(config, n_examples: int, seq: int, flops_per_s: float) -> dict:
+    """How long ACDC's greedy search takes: one trial (a masked forward pass over the training
+    examples, restarted at the reader's layer: half the layers on average) per edge."""
+    from .graph import Graph
+
+    s = _shape(config)
+    graph = Graph(s["L"], s["H"], s["G"])
+    n_params = s["L"] * (2 * s["d"] * s["H"] * s["dh"] + 2 * s["d"] * s["G"] * s["dh"] + 3 * s["d"] * s["ffn"])
+    trial_s = 0.5 * 2 * n_params * n_examples * seq / flops_per_s
+    return {"trials": graph.n_edges, "seconds_per_trial": trial_s, "total_s": graph.n_edges * trial_s}
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_estimate(spec: str, config, n_devices: int, batch: int, seq: int, dtype: str, checkpoint: bool,
+                    acdc_examples: int = 100, flops_per_s: float = 1e14) -> str:
+    """The dry-run lines: memory per device for Edge Pruning and ACDC's expected run time."""
+    est = estimate_memory(config, n_devices, batch, seq, dtype, checkpoint)
+    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(est[k])}" for k in
+                      ("weights", "writer_stack", "writer_stack_grad", "corrupted_cache", "activations", "masks"))
+    other = estimate_memory(config, n_devices, batch, seq, dtype, not checkpoint)["total"]
+    acdc = acdc_seconds(config, acdc_examples, seq, flops_per_s)
+    return (f"memory per device, {spec}: ~{format_bytes(est['total'])} for Edge Pruning "
+            f"({est['parameters'] / 1e9:.2f}B parameters, {est['edges']:,} edges; {n_devices} device(s), "
+            f"batch {batch} x {seq} tokens per device, {dtype}, gradient checkpointing "
+            f"{'on' if checkpoint else 'off'}; {format_bytes(other)} with it {'off' if checkpoint else 'on'}): "
+            f"{parts}\n"
+            f"ACDC on {spec}: ~{acdc['trials']:,} trials (one per edge) x {acdc['seconds_per_trial']:.3g} s per "
+            f"trial ({acdc_examples} examples x {seq} tokens at {flops_per_s / 1e12:g} TFLOP/s) = "
+            f"{acdc['total_s'] / 86400:.3g} days per threshold")
+
+
+def memory_lines(models, dtype: str, checkpoint: bool = False, n_devices: int = 1, batch: int = 1,
+                 seq: int = 128) -> list[str]:
+    """`format_estimate` lines for the Llama-family models among ``models`` whose config is known
+    offline (what ``circuitbench run --dry-run`` prints)."""
+    lines = []
+    for spec in models:
+        config = config_for_spec(spec)
+        if config is not None and getattr(config, "model_type", "") in ("llama", "mistral"):
+            lines.append(format_estimate(spec, config, n_devices, batch, seq, dtype, checkpoint))
+    return lines
+
+
+# ---- running jobs --------------------------------------------------------------------------------------
+def load_for_rank(spec: str, device: str, dtype: str, fsdp: bool, checkpoint: bool):
+    """(LoadedModel, MaskedModel) for this rank: the whole model, or FSDP-sharded with ``fsdp``."""
+    from .engine import MaskedModel
+    from .models import load_model
+
+    if fsdp:
+        if not device.startswith("cuda"):
+            raise UserError("--fsdp needs CUDA: it shards the model over GPUs (run without --fsdp on CPU)")
+        model = load_model(spec, device="cpu", dtype=dtype)  # sharded onto the GPU unit by unit
+        model.device = torch.device(device)
+        shard_model(model, device)
+    else:
+        model = load_model(spec, device=device, dtype=dtype)
+    return model, MaskedModel(model, checkpoint=checkpoint)
+
+
+def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsdp: bool = False,
+             checkpoint: bool = False, progress: bool = True, out=None) -> int:
+    """Run the Edge Pruning jobs of ``sweep`` data-parallel on every rank; rank 0 records them.
+    Returns the number of failed jobs (the same on every rank)."""
+    import torch.distributed as dist
+
+    from . import runner
+    from .method import get_method
+    from .store import ResultsStore, check_writable
+
+    out = out or sys.stdout
+    jobs, _ = sweep.plan(device=device.split(":")[0], dtype=dtype)
+    for job in jobs:
+        if not getattr(get_method(job.method), "supports_data_parallel", False):
+            raise UserError(f"method {job.method!r} cannot train data-parallel; only Edge Pruning (ep) can")
+    todo = None
+    if dp.rank == 0:
+        check_writable(results)
+        store = ResultsStore(results)
+        try:
+            status = store.job_status([j.job_id for j in jobs])
+        finally:
+            store.close()
+        todo = [j.job_id for j in jobs if status.get(j.job_id) != "complete"]
+        print(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already complete in {results}; running "
+              f"{len(todo)} over {dp.world_size} processes", file=out, flush=True)
+    box = [todo]
+    dist.broadcast_object_list(box, src=0)
+    todo = set(box[0])
+    failed = 0
+    loaded: dict = {}
+    for job in (j for j in jobs if j.job_id in todo):
+        if job.model not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[job.model] = load_for_rank(job.model, device, dtype, fsdp, checkpoint)
+            runner.preload(job.model, device, dtype, *loaded[job.model])
+        cls = get_method(job.method)
+        cls.data_parallel = dp  # this process is one rank of the group for every job it runs
+        unit = runner.Unit("job", job=job, device=device, dtype=dtype, progress=progress and dp.rank == 0)
+        result = runner.execute(unit)
+        if result["kind"] == "failed":
+            failed += 1
+        if dp.rank == 0:
+            store = ResultsStore(results)
+            try:
+                if result["kind"] == "failed":
+                    store.record_failure(result["job"], result["error"])
+                    print(f"job {job.job_id} ({job.label}) failed: {result['error']}", file=sys.stderr)
+                else:
+                    result["job"]["info"]["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp,
+                                                              "checkpoint": checkpoint}
+                    store.record_job(result["job"], result["runs"], result["metrics"], result["circuits"],
+                                     result.get("scores"))
+                    print(f"recorded {job.label}", file=out, flush=True)
+            finally:
+                store.close()
+    return failed
+
+
+def discover_local(world_size: int, spec: str, task: str, sparsity: float, n_train: int, preset: str = "smoke",
+                   overrides: dict | None = None, seed: int = 0, data_seed: int = 0, folder=None) -> list[dict]:
+    """Edge Pruning data-parallel over ``world_size`` local CPU processes (gloo, no torchrun): each
+    rank's learnt soft masks (the circuit's scores), circuit and training log, as
+    ``[{"scores", "edges", "log"}, ...]`` by rank. ``folder`` holds the rendezvous file and results
+    (a temporary folder by default)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(folder or tmp)
+        args = (world_size, folder, spec, task, sparsity, n_train, preset, dict(overrides or {}), seed, data_seed)
+        mp.spawn(_local_worker, args=args, nprocs=world_size, join=True)
+        return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(world_size)]
+
+
+def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
+                            world_size=world_size)
+    try:
+        result = train_edge_pruning(spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed,
+                                    DataParallel(rank, world_size))
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def train_edge_pruning(spec: str, task_name: str, sparsity: float, n_train: int, preset: str = "smoke",
+                       overrides: dict | None = None, seed: int = 0, data_seed: int = 0,
+                       dp: DataParallel | None = None, device: str = "cpu", dtype=None) -> dict:
+    """Train one Edge Pruning circuit in this process (as rank ``dp`` of a group, or alone):
+    ``{"scores": soft masks [W, R], "edges": bool [W, R], "log": training log}``."""
+    from .engine import MaskedModel
+    from .method import get_method
+    from .models import load_model
+    from .tasks import get_task
+
+    model = load_model(spec, device=device, dtype=dtype)
+    task = get_task(task_name)
+    train = task.build(model.tokenizer, seed=data_seed, n_train=n_train).train.to(model.device)
+    cls = get_method("ep")
+    method = cls(preset=preset, **(overrides or {}))
+    method.data_parallel = dp
+    result = method.discover(MaskedModel(model), task, train, None, [sparsity], seed=seed, progress=False)
+    circuit = result.circuits[sparsity]
+    return {"scores": circuit.scores, "edges": circuit.edges, "log": result.log}
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="torchrun ... -m circuitbench.distributed",
+                                description="Edge Pruning data-parallel over torchrun processes (see the module "
+                                            "docstring for the launch commands).")
+    p.add_argument("--casestudy", choices=["boolexpr"], help="train the case study's IP and FS circuits")
+    p.add_argument("--preset", choices=["smoke", "quick", "paper"], help="case-study preset (with --casestudy)")
+    p.add_argument("--task", "--tasks", dest="tasks", help="task name or comma list")
+    p.add_argument("--model", required=True, help="model spec")
+    p.add_argument("--sparsities", help="comma list of target sparsities")
+    p.add_argument("--n-train", dest="n_train", type=int, help="training-set size")
+    p.add_argument("--seeds", help="method seeds, comma list")
+    p.add_argument("--method-preset", dest="method_preset", help="Edge Pruning preset (smoke/quick/paper)")
+    p.add_argument("--set", dest="set_values", action="append", metavar="ep.FIELD=VALUE",
+                   help="override an Edge Pruning hyperparameter (repeatable)")
+    p.add_argument("--steps", type=int, help="Edge Pruning steps (with --casestudy)")
+    p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N test examples")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--dtype", help="float32, bfloat16 (default on GPUs) or float16")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen model over the GPUs with FSDP (CUDA only)")
+    p.add_argument("--checkpoint", action="store_true", default=None,
+                   help="gradient checkpointing of the masked pass (default: on with CUDA for --casestudy)")
+    p.add_argument("--backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
+    p.add_argument("--batch", type=int, default=1, help="(--dry-run) examples per device per step")
+    p.add_argument("--seq", type=int, default=128, help="(--dry-run) tokens per example")
+    p.add_argument("--nproc", type=int, default=1, help="(--dry-run) devices the model is sharded over")
+    p.add_argument("--dry-run", action="store_true", help="print the memory estimate per device; load nothing")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _sweep_from_args(args, device: str):
+    from .sweep import Sweep, parse_set
+
+    if args.casestudy:
+        from .casestudy import case_study_sweep, default_hardware
+
+        # the hardware defaults of `circuitbench casestudy`, so its job ids match and it resumes these jobs
+        _, dtype, checkpoint = default_hardware(device, args.dtype, args.checkpoint)
+        return case_study_sweep(args.model, preset=args.preset or "quick", steps=args.steps, n_train=args.n_train,
+                                limit=args.eval_limit, results=args.results, dtype=dtype, checkpoint=checkpoint)
+    if not args.tasks:
+        raise UserError("give --task NAME (or --casestudy boolexpr)")
+    flags = {"methods": "ep", "tasks": args.tasks, "models": args.model, "sparsities": args.sparsities,
+             "n_train": None if args.n_train is None else str(args.n_train), "seeds": args.seeds,
+             "method_preset": args.method_preset, "eval_limit": args.eval_limit}
+    if args.set_values:
+        flags["method_config"] = parse_set(args.set_values)
+    return Sweep.build(flags=flags)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    failed = 0
+    try:
+        if args.dry_run:
+            _sweep_from_args(args, "cpu")  # validates the arguments
+            config = config_for_spec(args.model)
+            if config is None:
+                raise UserError(f"no config for {args.model!r} without loading it (not cached offline)")
+            dtype = args.dtype or "bfloat16"
+            print(format_estimate(args.model, config, args.nproc, args.batch, args.seq, dtype, bool(args.checkpoint)))
+            return 0
+        dp, device = init_from_env(args.backend)
+        sweep = _sweep_from_args(args, device)
+        dtype = args.dtype or sweep.get("dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
+        if args.fsdp and not device.startswith("cuda"):
+            raise UserError("--fsdp needs CUDA: it shards the model over GPUs (run without --fsdp on CPU)")
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp.world_size))
+        failed = run_jobs(sweep, dp, device, dtype, sweep.get("results") or args.results, fsdp=args.fsdp,
+                          checkpoint=bool(args.checkpoint), progress=args.progress)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Data-parallel Edge Pruning (two gloo processes = one process on the same global batches), the
+per-device memory estimate, and clean errors of the multi-device paths on CPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from circuitbench.distributed import (DataParallel, acdc_seconds, codellama_13b_config, config_for_spec,
+                                      discover_local, estimate_memory, shard_model, train_edge_pruning)
+from circuitbench.errors import UserError
+
+# ioi on the random Llama: the empty circuit's KL is ~0.25, so the masks' gradients are far from zero;
+# masks start near 0.5 (log alpha 0.5) so every step's samples matter. Global batch 5 over 2 ranks:
+# shards of 3 and 2, and a last batch of 2 (12 examples) -- unequal shards are weighted correctly.
+SETUP = dict(spec="random:llama-tiny", task="ioi", sparsity=0.5, n_train=12, preset="smoke",
+             overrides={"steps": 8, "batch_size": 5, "ramp_steps": 4, "init_log_alpha": 0.5, "lr": 0.1})
+
+
+@pytest.mark.slow  # two spawned processes importing torch and transformers: ~30 s on 2 busy cores
+def test_two_gloo_processes_learn_the_masks_of_one_process():
+    torch.set_num_threads(1)
+    single = train_edge_pruning(SETUP["spec"], SETUP["task"], SETUP["sparsity"], SETUP["n_train"],
+                                SETUP["preset"], SETUP["overrides"])
+    ranks = discover_local(2, **SETUP)
+    init = torch.sigmoid(torch.tensor(0.5))  # roughly where the soft masks started
+    moved = (single["scores"] - init).nan_to_num().abs().max()
+    assert moved > 1e-2, "the masks barely moved: the comparison would be vacuous"
+    for r in ranks:
+        assert torch.allclose(r["scores"].nan_to_num(), single["scores"].nan_to_num(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(r["edges"], single["edges"])
+        # the logged KL is the global batch's mean, the same as one process's
+        kl_dp = torch.tensor([row["kl"] for row in r["log"]])
+        kl_one = torch.tensor([row["kl"] for row in single["log"]])
+        assert torch.allclose(kl_dp, kl_one, rtol=1e-4, atol=1e-6)
+
+
+def test_shards_cover_the_global_batch_and_stand_ins_weigh_nothing():
+    part = torch.tensor([7, 3, 9])
+    shards = [DataParallel(r, 2).shard(part) for r in range(2)]
+    assert sorted(torch.cat(shards).tolist()) == [3, 7, 9]
+    small = torch.tensor([4])
+    assert DataParallel(1, 2).shard(small).tolist() == [4]  # a stand-in so the rank still runs the pass
+    assert DataParallel(1, 2).weight(small) == 0.0 and DataParallel(0, 2).weight(small) == 1.0
+
+
+def test_batch_smaller_than_the_group_is_a_clear_error():
+    with pytest.raises(UserError, match="cannot be split over 4 processes"):
+        train_edge_pruning("random:llama-tiny", "ioi", 0.5, 4, "smoke", {"batch_size": 2, "steps": 1},
+                           dp=DataParallel(0, 4))
+
+
+def test_codellama_13b_estimate_is_sane():
+    cfg = codellama_13b_config()
+    one = estimate_memory(cfg, 1, 1, 128, "bfloat16", True)
+    assert 12.8e9 < one["parameters"] < 13.1e9
+    assert one["edges"] == 3_877_661  # this harness's edge convention (the paper counts 3,872,820)
+    assert 24e9 < one["weights"] < 27e9  # 13B bf16 parameters, unsharded
+    no_ckpt = estimate_memory(cfg, 1, 1, 128, "bfloat16", False)
+    assert no_ckpt["activations"] > 5 * one["activations"]  # checkpointing keeps one layer's worth
+    assert no_ckpt["total"] > one["total"]
+    sharded = estimate_memory(cfg, 32, 1, 128, "bfloat16", True)
+    assert sharded["weights"] < one["weights"] / 10  # 1/32 of the weights plus two gathered units
+    assert sharded["total"] < one["total"]
+    # the stack grows with the tokens; float32 doubles the model-dtype tensors
+    assert estimate_memory(cfg, 32, 2, 128, "bfloat16", True)["writer_stack"] == 2 * sharded["writer_stack"]
+    assert estimate_memory(cfg, 32, 1, 128, "float32", True)["writer_stack"] == 2 * sharded["writer_stack"]
+    acdc = acdc_seconds(cfg, 100, 128, 1e14)
+    assert acdc["trials"] == one["edges"] and acdc["total_s"] > 86400  # days, not hours
+    with pytest.raises(UserError):
+        estimate_memory(cfg, 0, 1, 128, "bfloat16", True)
+
+
+def test_configs_known_offline():
+    assert config_for_spec("random:llama-tiny").num_hidden_layers == 2
+    assert config_for_spec("smollm2-135m").num_key_value_heads == 3
+    assert config_for_spec("codellama/CodeLlama-13b-Instruct-hf").hidden_size == 5120
+
+
+def test_fsdp_on_cpu_is_a_clear_error():
+    from circuitbench import load_model
+
+    with pytest.raises(UserError, match="needs CUDA"):
+        shard_model(load_model("random:llama-tiny"), "cpu")
+
+
+def test_dry_run_prints_the_codellama_estimate_without_loading():
+    out = subprocess.run([sys.executable, "-m", "circuitbench.distributed", "--casestudy", "boolexpr",
+                          "--model", "codellama/CodeLlama-13b-Instruct-hf", "--preset", "paper", "--nproc", "32",
+                          "--checkpoint", "--dry-run"], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "memory per device, codellama/CodeLlama-13b-Instruct-hf" in out.stdout
+    assert "3,877,661 edges" in out.stdout and "ACDC" in out.stdout
+
+
+def test_without_torchrun_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "circuitbench.distributed", "--task", "ioi", "--model",
+                          "random:llama-tiny", "--sparsities", "0.5"], capture_output=True, text=True, timeout=400,
+                         env={k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert out.returncode == 2
+    assert "torchrun" in out.stderr.strip().splitlines()[-1]
