@@ -98,13 +98,6 @@ def _model_and_engine(spec: str, device: str, dtype: str):
     return _LOADED[key]
 
 
-def preload(spec: str, device: str, dtype: str, model, engine) -> None:
-    """Run this process's jobs on (spec, device, dtype) with ``model`` and ``engine`` (a model built
-    elsewhere, e.g. sharded over GPUs by `circuitbench.distributed`) instead of loading it."""
-    _LOADED.clear()
-    _LOADED[(spec, device, dtype)] = (model, engine)
-
-
 def library_versions() -> dict:
     import torch
     import transformers
@@ -137,19 +130,28 @@ def _graph_dict(graph) -> dict:
             "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
 
 
-def _evaluate(model, task, circuit, job_or_ref, progress, references=False):
-    """Every metric of ``task`` for ``circuit`` on the test split; returns (metrics, n_examples)."""
+def _test_split(model, task, item):
+    """The test split built exactly as the job's data (same seed and split sizes), so it never
+    overlaps the examples a method trained on."""
+    sizes = {"validation": item.n_validation} if item.n_validation is not None else None
+    return task.build(model.tokenizer, seed=item.data_seed, n_train=getattr(item, "n_train", None),
+                      sizes=sizes).test
+
+
+def _evaluate(model, task, circuit, item, test, progress, references=False):
+    """Every metric of ``task`` for ``circuit`` on the ``test`` examples (the first
+    ``item.eval_limit`` of them); returns (metrics, n_examples)."""
     from .evaluate import evaluate
 
-    values = evaluate(model, task, circuit, split="test", batch_size=job_or_ref.eval_batch_size,
-                      limit=job_or_ref.eval_limit, seed=job_or_ref.data_seed, progress=progress,
-                      references=references)
+    values = evaluate(model, task, circuit, split="test", batch_size=item.eval_batch_size,
+                      limit=item.eval_limit, seed=item.data_seed, progress=progress,
+                      references=references, examples=test)
     n = int(values.pop("n_examples"))
     return {k: float(v) for k, v in values.items()}, n
 
 
-def _run_records(job: Job, circuits: dict, model, task, progress: bool):
-    """Evaluate each circuit; returns (runs, metrics, circuit dicts)."""
+def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
+    """Evaluate each circuit on ``test``; returns (runs, metrics, circuit dicts)."""
     runs, metrics, files = [], {}, {}
     graph = model.graph
     for s in sorted(circuits):
@@ -158,7 +160,7 @@ def _run_records(job: Job, circuits: dict, model, task, progress: bool):
             raise RuntimeError(f"the method returned a circuit over a different graph at sparsity {s}")
         run_id = run_id_for(job.job_id, s)
         t0 = time.perf_counter()
-        values, n_examples = _evaluate(model, task, circuit, job, progress)
+        values, n_examples = _evaluate(model, task, circuit, job, test, progress)
         metrics[run_id] = {"test": values}
         eval_s = time.perf_counter() - t0
         data = circuit.to_dict()
@@ -226,7 +228,7 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
                              progress=unit.progress)
     circuits = circuits_at(result, model.graph, job.sparsities)
-    runs, metrics, files = _run_records(job, circuits, model, task, unit.progress)
+    runs, metrics, files = _run_records(job, circuits, model, task, splits.test, unit.progress)
     cost = result.cost
     scores = None
     if result.scores is not None:
@@ -253,7 +255,7 @@ def _execute_extend(unit: Unit, record: dict) -> dict:
     scores = torch.from_numpy(np.nan_to_num(unit.scores, nan=0.0))
     circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"})
                 for s in unit.sparsities}
-    runs, metrics, files = _run_records(job, circuits, model, task, unit.progress)
+    runs, metrics, files = _run_records(job, circuits, model, task, _test_split(model, task, job), unit.progress)
     return {"kind": "extend", "job": record, "runs": runs, "metrics": metrics, "circuits": files}
 
 
@@ -265,7 +267,8 @@ def _execute_reference(unit: Unit) -> dict:
     model, _ = _model_and_engine(ref.model, unit.device, unit.dtype)
     task = get_task(ref.task)
     # The empty circuit with references: its own values and the full model's, on the same batches.
-    values, _ = _evaluate(model, task, Circuit.empty(model.graph), ref, unit.progress, references=True)
+    values, _ = _evaluate(model, task, Circuit.empty(model.graph), ref, _test_split(model, task, ref),
+                          unit.progress, references=True)
     split = {"full": {k[5:]: v for k, v in values.items() if k.startswith("full/")},
              "empty": {k[6:]: v for k, v in values.items() if k.startswith("empty/")}}
     return {"kind": "reference", "reference": ref, "values": {"test": split}}
@@ -604,7 +607,7 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     out = out or sys.stdout
     t_start = time.perf_counter()
     results = results or sweep.get("results")
-    device = device or sweep.get("device") or "cpu"
+    device = device or sweep.get("device") or "auto"
     dtype_name = dtype or sweep.get("dtype") or "float32"
     n_jobs = int(jobs if jobs is not None else sweep.get("jobs"))
     backend = backend or sweep.get("backend")
@@ -717,7 +720,7 @@ def _execution(in_process: bool, workers: int, backend: str) -> str:
 
 def _ref_dict(ref: Reference) -> dict:
     return {"ref_id": ref.ref_id, "task": ref.task, "model": ref.model, "dtype": ref.dtype, "device": ref.device,
-            "data_seed": ref.data_seed, "eval_limit": ref.eval_limit}
+            "data_seed": ref.data_seed, "eval_limit": ref.eval_limit, "n_validation": ref.n_validation}
 
 
 def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, backend, out) -> None:
@@ -758,7 +761,3 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
           "the same method, model and device when it has some; otherwise assumed from the model's size "
           f"({ASSUMED_FLOPS['cpu'] / 1e9:.0f} GFLOP/s on a CPU, {ASSUMED_FLOPS['cuda'] / 1e12:.0f} TFLOP/s "
           "on a GPU). A configuration already run here takes its measured time.", file=out)
-    from .distributed import memory_lines
-
-    for line in memory_lines(sorted({u.job.model for u, _, _ in per_unit if u.job is not None}), plan.dtype):
-        print(line, file=out)

@@ -45,7 +45,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
 
     reference_metrics          the full model and the empty circuit, once per test split
       ref_id TEXT              16 hex digits of sha256 of (task, model, dtype, device, data_seed, eval_limit)
-      task, model, dtype, device TEXT; data_seed, eval_limit INTEGER (NULL = whole split)
+      task, model, dtype, device TEXT; data_seed, eval_limit INTEGER (NULL = whole split),
+      n_validation INTEGER (NULL = the task's default; the test split is drawn after validation)
       split TEXT, circuit TEXT ('full' or 'empty'), metric TEXT, value REAL, created_at TEXT
       PRIMARY KEY (ref_id, split, circuit, metric)
 
@@ -142,6 +143,7 @@ CREATE TABLE IF NOT EXISTS reference_metrics (
     device TEXT,
     data_seed INTEGER,
     eval_limit INTEGER,
+    n_validation INTEGER,
     split TEXT NOT NULL,
     circuit TEXT NOT NULL CHECK (circuit IN ('full', 'empty')),
     metric TEXT NOT NULL,
@@ -261,6 +263,7 @@ class ResultsStore:
         conn = self._conn
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            self._add_missing_columns()
             return
         if version > SCHEMA_VERSION:
             raise UserError(f"{self.db_path} has store schema {version}; this circuitbench reads "
@@ -271,6 +274,21 @@ class ResultsStore:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # Columns added to the schema after its first release, added in place to older stores.
+    _ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")]}
+
+    def _add_missing_columns(self) -> None:
+        conn = self._conn
+        for table, columns in self._ADDED_COLUMNS.items():
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [(c, t) for c, t in columns if c not in have]
+            if missing:
+                with self._write():
+                    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                    for col, typ in missing:
+                        if col not in have:
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
 
     @contextmanager
     def _write(self):
@@ -398,19 +416,6 @@ class ResultsStore:
             self._insert_runs(conn, runs, metrics)
         return len(runs)
 
-    def add_metrics(self, run_id: str, split: str, values: dict[str, float]) -> bool:
-        """Add a run's metrics on another split (e.g. the case study's cross-setting ``test@<task>``),
-        in one transaction. False (nothing written) when the run already has metrics on ``split``."""
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
-                raise ValueError(f"no run {run_id} in this store")
-            if conn.execute("SELECT 1 FROM metrics WHERE run_id = ? AND split = ? LIMIT 1",
-                            (run_id, split)).fetchone():
-                return False
-            conn.executemany("INSERT INTO metrics (run_id, split, metric, value) VALUES (?, ?, ?, ?)",
-                             [(run_id, split, m, _finite(v)) for m, v in values.items()])
-        return True
-
     def _insert_runs(self, conn, runs, metrics):
         for run in runs:
             self._insert(conn, "runs", {k: run.get(k) for k in RUN_FIELDS})
@@ -444,13 +449,14 @@ class ResultsStore:
                 return False
             created = now_iso()
             rows = [(ref["ref_id"], ref["task"], ref["model"], ref.get("dtype"), ref.get("device"),
-                     ref.get("data_seed"), ref.get("eval_limit"), split, circuit, metric, _finite(v), created)
+                     ref.get("data_seed"), ref.get("eval_limit"), ref.get("n_validation"), split, circuit, metric,
+                     _finite(v), created)
                     for split, per_circuit in values.items()
                     for circuit, per_metric in per_circuit.items()
                     for metric, v in per_metric.items()]
             conn.executemany("INSERT INTO reference_metrics (ref_id, task, model, dtype, device, data_seed, "
-                             "eval_limit, split, circuit, metric, value, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                             "eval_limit, n_validation, split, circuit, metric, value, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return True
 
     # ---- queries for the report -------------------------------------------------------------------
@@ -529,11 +535,12 @@ class ResultsStore:
 
     def reference_metrics(self, task=None, model=None, split=None):
         """Long table of the full-model and empty-circuit values: ref_id, task, model, dtype, device,
-        data_seed, eval_limit, split, circuit ('full'/'empty'), metric, value."""
+        data_seed, eval_limit, n_validation, split, circuit ('full'/'empty'), metric, value."""
         import pandas as pd
 
         where, params = self._where({"task": task, "model": model, "split": split})
-        q = ("SELECT ref_id, task, model, dtype, device, data_seed, eval_limit, split, circuit, metric, value "
+        q = ("SELECT ref_id, task, model, dtype, device, data_seed, eval_limit, n_validation, split, circuit, "
+             "metric, value "
              f"FROM reference_metrics{where} ORDER BY task, model, split, circuit, metric")
         return pd.read_sql_query(q, self._connect(), params=params)
 

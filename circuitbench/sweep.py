@@ -22,7 +22,8 @@ method_config       --set ep.steps=100           per-method hyperparameter overr
                                                  (TOML: ``[method_config.ep]`` with ``steps = 100``)
 eval_limit          --eval-limit N               evaluate on the first N test examples (default all)
 eval_batch_size     --eval-batch-size N          evaluation batch size (default 32)
-device, dtype       --device, --dtype            where and in which precision jobs run
+device, dtype       --device, --dtype            where (default auto: a GPU when there is one) and in
+                                                 which precision (default float32) jobs run
 jobs, backend       --jobs N, --backend B        how jobs are executed (see `circuitbench.runner`)
 results             --results DIR                the results folder
 description         (file only)                  one line saying what the sweep is for
@@ -313,12 +314,17 @@ class Reference:
     data_seed: int
     eval_limit: int | None
     eval_batch_size: int
+    n_validation: int | None = None  # the test split is drawn after the validation split
 
 
-def reference_for(task, model, dtype, device, data_seed, eval_limit, eval_batch_size) -> Reference:
+def reference_for(task, model, dtype, device, data_seed, eval_limit, eval_batch_size,
+                  n_validation=None) -> Reference:
     key = {"v": HASH_VERSION, "kind": "reference", "task": task, "model": model, "dtype": dtype,
            "device": device, "data_seed": data_seed, "eval_limit": eval_limit}
-    return Reference(config_hash(key), task, model, dtype, device, data_seed, eval_limit, eval_batch_size)
+    if n_validation is not None:  # keeps the ids of default-size splits unchanged
+        key["n_validation"] = n_validation
+    return Reference(config_hash(key), task, model, dtype, device, data_seed, eval_limit, eval_batch_size,
+                     n_validation)
 
 
 def _jsonable(value):
@@ -431,7 +437,7 @@ class Sweep:
             if eval_bs < 1:
                 raise UserError(f"eval_batch_size must be at least 1, got {eval_bs}")
             for model in models:
-                ref = reference_for(task_name, model, dtype, device, data_seed, eval_limit, eval_bs)
+                ref = reference_for(task_name, model, dtype, device, data_seed, eval_limit, eval_bs, n_validation)
                 refs.setdefault(ref.ref_id, ref)
                 for method_name, cls in method_classes.items():
                     overrides = self.method_overrides(method_name, task_name)

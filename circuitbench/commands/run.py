@@ -36,7 +36,7 @@ def add_parser(sub):
                    help="evaluate each circuit on the first N test examples (default: the whole test split)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="evaluation batch size (default 32)")
     p.add_argument("--results", help="results folder (default results/)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto, a GPU when there is one)")
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--jobs", type=int, help="worker processes (default 1: in this process)")
     p.add_argument("--backend", choices=["local", "dask", "ray"],
