@@ -177,7 +177,7 @@ def write_index(out_dir: Path, data, artifacts: list[Artifact], counts: dict) ->
         by_section.setdefault(art.section, []).append(art)
     nav = " ".join(f'<a href="#{key}">{_e(title.split(" (")[0])}</a>' for key, title in SECTIONS)
     nav += ' <a href="#runs">Runs</a> <a href="#failed">Failed jobs</a>'
-    body = [f"<h1>circuitbench report</h1>", _overview(data, counts), f"<nav>{nav}</nav>"]
+    body = ["<h1>circuitbench report</h1>", _overview(data, counts), f"<nav>{nav}</nav>"]
     for key, title in SECTIONS:
         body.append(f'<h2 id="{key}">{_e(title)}</h2>')
         arts = by_section.get(key, [])
