@@ -659,6 +659,10 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
                 for result in parallel(delayed(execute)(u) for u in plan.units):
                     _record(store, result, summary, bar)
                     bar.update(1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {summary.recorded_jobs} recorded jobs; the store is intact: rerun the "
+              f"same command to resume", file=sys.stderr)
+        raise
     finally:
         store.close()
     summary.wall_s = time.perf_counter() - t_start

@@ -25,8 +25,9 @@ def add_parser(sub):
     p.add_argument("--n-validation", dest="n_validation", type=int, help="validation-set size (default: the task's own)")
     p.add_argument("--seeds", help="method seeds, comma list (default 0)")
     p.add_argument("--data-seed", dest="data_seed", type=int, help="seed of the task's data (default 0)")
-    p.add_argument("--preset", help="named sweep: smoke (seconds, CI), quick (~15 min on a 2-core CPU), "
-                                    "paper (the Edge Pruning paper's protocol); files in configs/")
+    p.add_argument("--preset", help="named sweep: smoke (seconds, CI), quick (the comparison shrunk for a CPU, "
+                                    "on smollm2-135m), paper (the Edge Pruning paper's protocol); "
+                                    "configs/NAME.toml; see them with --dry-run")
     p.add_argument("--config", help="a sweep TOML file with the same keys as these flags")
     p.add_argument("--method-preset", dest="method_preset",
                    help="which preset of every method to use (default: the sweep preset's name, else paper)")
