@@ -25,7 +25,10 @@ class Graph:
     has_mlp: bool = True
 
     def __post_init__(self):
-        kv = self.n_kv_heads or self.n_heads
+        # normalise "no grouped-query attention" to kv == heads so equal shapes compare equal
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        kv = self.n_kv_heads
         if self.n_layers < 1 or self.n_heads < 1 or self.n_heads % kv:
             raise ValueError(f"bad graph shape: layers={self.n_layers} heads={self.n_heads} kv={kv}")
 
