@@ -1,9 +1,11 @@
 """Method benchmarks: each method's unit of work against the plain model on the same batch.
 
-Reported as ratios measured in one run (``circuitbench bench methods``), timing the methods' own code:
+Reported as ratios measured in one run (``circuitbench bench methods``), timing the methods' own code.
+Each measurement is paired with baseline steps timed right before it and the ratios are medians of
+the paired ratios, so load from other processes largely cancels:
 
 - ``ep_step_over_plain``: one Edge Pruning training step (mask sampling, masked forward, KL and
-  Lagrangian, backward, both Adam updates; the mean over the steps of a short run of the method)
+  Lagrangian, backward, both Adam updates; per step from the difference of a 1-step and a 3-step run)
   with the corrupted activations cached, over one plain
   forward+backward (a language-modelling step with gradients to the weights; `circuitbench.bench`'s
   ``plain`` mode); ``ep_step_with_corrupted_over_plain``: the same step recomputing the corrupted
@@ -66,6 +68,12 @@ def _examples(clean, corrupted, vocab, seed=0) -> Examples:
                     texts=[{} for _ in range(B)])
 
 
+def _once(step) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
 def _median(step, repeats) -> float:
     step()  # warm-up
     samples = []
@@ -77,10 +85,10 @@ def _median(step, repeats) -> float:
 
 
 def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
-    """Seconds per Edge Pruning training step, from the method's own run (its ``train`` phase over
-    ``steps`` steps, after a one-step warm-up run). The full model's logits are kept either way;
-    ``keep_corrupted=False`` leaves too little cache memory for the corrupted activations, so every
-    step redoes the corrupted pass."""
+    """Seconds per Edge Pruning training step, from runs of the method itself (their ``train``
+    phases). The full model's logits are kept either way; ``keep_corrupted=False``
+    leaves too little cache memory for the corrupted activations, so every step redoes the
+    corrupted pass."""
     from methods._common import BatchPlan
     from methods.edge_pruning import EdgePruning
 
@@ -88,11 +96,13 @@ def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
 
     probe = BatchPlan(mm, task, examples, len(examples), CostMeter(mm.device), cache_mib=0.0)
     cache_mib = float("inf") if keep_corrupted else probe.reference_mib() * 1.01 + 1e-6
-    res = None
-    for n in (1, steps):
+    train = []
+    # The first step of a run also prepares the batch (the corrupted pass and the full model's logits)
+    # that later steps reuse when it is kept: the difference of two runs leaves only later steps.
+    for n in (1, 1 + steps):
         method = EdgePruning(steps=n, ramp_steps=0, batch_size=len(examples), log_every=10**9, cache_mib=cache_mib)
-        res = method.discover(mm, task, examples, None, [0.5], progress=False)
-    return res.cost.wall_s["train"] / steps
+        train.append(method.discover(mm, task, examples, None, [0.5], progress=False).cost.wall_s["train"])
+    return (train[1] - train[0]) / steps
 
 
 def _ep_step_fn(mm, task, examples, keep_corrupted):
@@ -113,8 +123,9 @@ def _eap_fn(mm, task, examples):
     return run
 
 
-def _acdc_trial_times(mm, task, examples, repeats, progress):
-    """Median seconds of one ACDC trial restarting at each read slot, and the slots' edge counts."""
+def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
+    """Per read slot: the median ratio of one ACDC trial restarting there to a plain forward timed
+    right before it; and the number of edges entering the readers of each slot."""
     from methods._common import BatchPlan
     from methods.acdc import _mean_loss, _reader_order
 
@@ -126,18 +137,20 @@ def _acdc_trial_times(mm, task, examples, repeats, progress):
     full = g.full_mask(mm.dtype).to(mm.device)
     _mean_loss(mm, task, plan, full, 0, meter)  # fills the full model's writer stack
     visible = g.valid.sum(0)
-    times, weights = {}, {}
+    ratios, weights = {}, {}
     with torch.no_grad():
         for reader, slot in _reader_order(g):
             weights[slot] = weights.get(slot, 0) + int(visible[reader])
-            if slot in times:
+            if slot in ratios:
                 continue
             mask = full.clone()
             mask[0, reader] = 0.0  # remove one edge into a reader of this slot
-            times[slot] = _median(lambda: _mean_loss(mm, task, plan, mask, slot, meter), repeats)
+            trial = lambda: _mean_loss(mm, task, plan, mask, slot, meter)  # noqa: E731
+            trial()
+            ratios[slot] = statistics.median(_once(trial) / _once(plain_forward) for _ in range(repeats))
             if progress:
-                print(f"  acdc trial at slot {slot:<3}     {times[slot] * 1e3:9.1f} ms", file=sys.stderr)
-    return times, weights
+                print(f"  acdc trial at slot {slot:<3}     {ratios[slot]:6.3f} x plain forward", file=sys.stderr)
+    return ratios, weights
 
 
 def _ep_peak_mib(spec, batch, seq, threads) -> float:
@@ -168,36 +181,57 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         if progress:
             print(f"  {name:<26} {seconds * 1e3:9.1f} ms (median of {repeats})", file=sys.stderr)
 
-    t = {}
-    for mode in ("plain", "plain_frozen"):
-        t[mode] = _median(_step_fn(mode, model, mm, clean, corrupted), repeats)
-        say(mode, t[mode])
+    # Each method's time is paired with baseline steps timed right before it, and ratios are the
+    # medians of the paired ratios: load from other processes drifts, and pairs cancel most of it.
+    plain_step = _step_fn("plain", model, mm, clean, corrupted)
+    frozen_step = _step_fn("plain_frozen", model, mm, clean, corrupted)
+
+    def plain():  # the two baselines differ in whether the weights take gradients
+        hf.requires_grad_(True)
+        plain_step()
+
+    def frozen():  # leaves the weights frozen, as every method expects
+        hf.requires_grad_(False)
+        frozen_step()
+
+    def forward():
+        with torch.no_grad():
+            hf(clean)
+
+    eap = _eap_fn(mm, task, examples)
+    methods = {
+        "ep_step": lambda: _ep_step_seconds(mm, task, examples, True, 2),
+        "ep_step_with_corrupted": lambda: _ep_step_seconds(mm, task, examples, False, 2),
+        "eap": lambda: _once(eap),
+    }
+    for step in (plain, frozen, forward, eap):  # warm-up
+        step()
     hf.requires_grad_(False)
-    with torch.no_grad():
-        t["plain_forward"] = _median(lambda: hf(clean), repeats)
-    say("plain_forward", t["plain_forward"])
-    t["ep_step"] = _ep_step_seconds(mm, task, examples, True, repeats)
-    say("ep_step", t["ep_step"])
-    t["ep_step_with_corrupted"] = _ep_step_seconds(mm, task, examples, False, repeats)
-    say("ep_step_with_corrupted", t["ep_step_with_corrupted"])
-    t["eap"] = _median(_eap_fn(mm, task, examples), repeats)
-    say("eap", t["eap"])
-    slot_times, weights = _acdc_trial_times(mm, task, examples, max(1, repeats // 2), progress)
-    t["acdc_trial"] = sum(slot_times[s] * w for s, w in weights.items()) / sum(weights.values())
-    say("acdc_trial (weighted)", t["acdc_trial"])
+    samples = {name: [] for name in ("plain", "plain_frozen", "plain_forward", *methods)}
+    ratios = {f"{name}_over_{base}": [] for name in methods for base in ("plain", "plain_frozen")}
+    for _ in range(repeats):
+        for name, run in methods.items():
+            p, f = _once(plain), _once(frozen)
+            seconds = run()
+            samples["plain"].append(p)
+            samples["plain_frozen"].append(f)
+            samples[name].append(seconds)
+            ratios[f"{name}_over_plain"].append(seconds / p)
+            ratios[f"{name}_over_plain_frozen"].append(seconds / f)
+        samples["plain_forward"].append(_once(forward))
+    t = {name: statistics.median(v) for name, v in samples.items()}
+    for name in ("plain", "plain_frozen", "plain_forward", *methods):
+        say(name, t[name])
+    slot_ratios, weights = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress)
+    acdc = sum(slot_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
 
     result = {
         "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats,
         "device": "cpu", "torch": torch.__version__,
         **{f"{k}_s": v for k, v in t.items()},
-        "ep_step_over_plain": t["ep_step"] / t["plain"],
-        "ep_step_with_corrupted_over_plain": t["ep_step_with_corrupted"] / t["plain"],
-        "acdc_trial_over_plain_forward": t["acdc_trial"] / t["plain_forward"],
-        "eap_over_plain": t["eap"] / t["plain"],
-        "ep_step_over_plain_frozen": t["ep_step"] / t["plain_frozen"],
-        "ep_step_with_corrupted_over_plain_frozen": t["ep_step_with_corrupted"] / t["plain_frozen"],
-        "eap_over_plain_frozen": t["eap"] / t["plain_frozen"],
-        "acdc_trial_slowest_slot_over_plain_forward": max(slot_times.values()) / t["plain_forward"],
+        **{k: statistics.median(v) for k, v in ratios.items()},
+        "acdc_trial_over_plain_forward": acdc,
+        "acdc_trial_slowest_slot_over_plain_forward": max(slot_ratios.values()),
     }
     if memory:
         from .bench import _peak_rss_mib

@@ -122,8 +122,11 @@ def register_method(cls):
     if missing:
         raise TypeError(f"{cls.__name__} lacks preset(s) {', '.join(sorted(missing))}")
     other = _REGISTRY.get(cls.name)
-    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"method {cls.name!r} registered twice ({other.__qualname__}, {cls.__qualname__})")
+    where = (cls.__module__, cls.__qualname__)
+    # the same class seen twice (decorator, then entry point) is fine; two different ones are not
+    if other is not None and (other.__module__, other.__qualname__) != where:
+        raise ValueError(f"method {cls.name!r} registered twice ({other.__module__}.{other.__qualname__}, "
+                         f"{cls.__module__}.{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 

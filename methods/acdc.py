@@ -62,7 +62,9 @@ class ACDC(CircuitMethod):
         meter = CostMeter(engine.device)
         with meter.phase("setup"):
             plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed, stack=True)
-        result = MethodResult(circuits={}, info={"taus": []})
+        # without the prepared batches kept, every trial redoes the corrupted and full passes
+        result = MethodResult(circuits={}, info={"taus": [], "batches_kept": plan.keep_corrupted,
+                                                 "cache_estimate_mib": plan.estimate_mib()})
         for i, tau in enumerate(taus):
             with meter.phase("search"):
                 edges, increase, kl, trials = run_acdc(engine, task, plan, tau, meter, progress,
