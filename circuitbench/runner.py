@@ -98,6 +98,13 @@ def _model_and_engine(spec: str, device: str, dtype: str):
     return _LOADED[key]
 
 
+def preload(spec: str, device: str, dtype: str, model, engine) -> None:
+    """Run this process's jobs on (spec, device, dtype) with ``model`` and ``engine`` (a model built
+    elsewhere, e.g. sharded over GPUs by `circuitbench.distributed`) instead of loading it."""
+    _LOADED.clear()
+    _LOADED[(spec, device, dtype)] = (model, engine)
+
+
 def library_versions() -> dict:
     import torch
     import transformers
@@ -765,3 +772,7 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
           "the same method, model and device when it has some; otherwise assumed from the model's size "
           f"({ASSUMED_FLOPS['cpu'] / 1e9:.0f} GFLOP/s on a CPU, {ASSUMED_FLOPS['cuda'] / 1e12:.0f} TFLOP/s "
           "on a GPU). A configuration already run here takes its measured time.", file=out)
+    from .distributed import memory_lines
+
+    for line in memory_lines(sorted({u.job.model for u, _, _ in per_unit if u.job is not None}), plan.dtype):
+        print(line, file=out)

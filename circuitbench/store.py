@@ -416,6 +416,19 @@ class ResultsStore:
             self._insert_runs(conn, runs, metrics)
         return len(runs)
 
+    def add_metrics(self, run_id: str, split: str, values: dict[str, float]) -> bool:
+        """Add a run's metrics on another split (e.g. the case study's cross-setting ``test@<task>``),
+        in one transaction. False (nothing written) when the run already has metrics on ``split``."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+                raise ValueError(f"no run {run_id} in this store")
+            if conn.execute("SELECT 1 FROM metrics WHERE run_id = ? AND split = ? LIMIT 1",
+                            (run_id, split)).fetchone():
+                return False
+            conn.executemany("INSERT INTO metrics (run_id, split, metric, value) VALUES (?, ?, ?, ?)",
+                             [(run_id, split, m, _finite(v)) for m, v in values.items()])
+        return True
+
     def _insert_runs(self, conn, runs, metrics):
         for run in runs:
             self._insert(conn, "runs", {k: run.get(k) for k in RUN_FIELDS})
@@ -566,7 +579,6 @@ class ResultsStore:
                                 f"({', '.join(f'{r[2]:g}' for r in rows)})")
             row = rows[0]
         g = json.loads(row[1])
-        # n_kv_heads exactly as the model's graph had it (Graph equality compares the raw field)
         graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True))
         return Circuit.load(self.root / row[0], graph)
 
