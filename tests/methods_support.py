@@ -1,6 +1,8 @@
 """Shared pieces of the method tests: a synthetic task and random example pairs for tiny models."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from circuitbench import metrics
@@ -97,3 +99,18 @@ def planted_gpt2(dtype=torch.float64):
             blk.mlp.c_proj.weight.zero_()
 
     return small_gpt2(2, 4, 64, 512, dtype=dtype, edit=edit)
+
+
+@contextlib.contextmanager
+def temporary_methods(*classes):
+    """Register test-only methods, and take them out again: the registry is process-wide, and
+    other test modules check that it holds exactly the built-in methods."""
+    from circuitbench import method
+
+    for cls in classes:
+        method.register_method(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            method._REGISTRY.pop(cls.name, None)

@@ -18,7 +18,7 @@ import torch
 
 from circuitbench.circuit import Circuit
 from circuitbench.cli import main
-from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method, seeded_generator
+from circuitbench.method import CircuitMethod, CostMeter, MethodResult, seeded_generator
 from circuitbench.runner import run_sweep
 from circuitbench.store import ResultsStore
 from circuitbench.sweep import Sweep
@@ -26,6 +26,7 @@ from circuitbench.sweep import Sweep
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 sys.path.insert(0, str(Path(__file__).parent))
 import compare_smoke  # noqa: E402
+from methods_support import temporary_methods  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DISCOVERIES: list[tuple[str, int]] = []  # (method, seed) of every discover() call in this process
@@ -86,15 +87,8 @@ class FakeFailing(_Fake):
 
 @pytest.fixture(autouse=True, scope="module")
 def _fake_methods():
-    """Register the fake methods for this module only: the registry is process-wide, and other
-    test modules check that it holds exactly the built-in methods."""
-    from circuitbench import method
-    fakes = (FakeScores, FakeCircuits, FakeFailing)
-    for cls in fakes:
-        register_method(cls)
-    yield
-    for cls in fakes:
-        method._REGISTRY.pop(cls.name, None)
+    with temporary_methods(FakeScores, FakeCircuits, FakeFailing):
+        yield
 
 
 def sweep(**flags):

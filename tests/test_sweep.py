@@ -6,8 +6,9 @@ import pytest
 from dataclasses import dataclass, field
 
 from circuitbench.errors import UserError
-from circuitbench.method import CircuitMethod, register_method
+from circuitbench.method import CircuitMethod
 from circuitbench.sweep import PRESETS, Sweep, parse_set, parse_sparsities
+from methods_support import temporary_methods
 
 
 @dataclass
@@ -16,7 +17,6 @@ class FixedConfig:
     per_task: dict = field(default_factory=dict)
 
 
-@register_method
 class FixedConfigMethod(CircuitMethod):
     """A method whose configuration never changes, to pin the job-id scheme."""
 
@@ -28,6 +28,12 @@ class FixedConfigMethod(CircuitMethod):
 
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True):
         raise AssertionError("planning only")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fixed_config_method():
+    with temporary_methods(FixedConfigMethod):
+        yield
 
 
 def test_parse_sparsities():
