@@ -120,20 +120,26 @@ def measure_peak_mib(step) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def _peak_rss_mib(spec, batch, seq, threads, mode) -> float:
-    """Peak memory of one step of ``mode``, measured in a fresh process so allocator caches of
-    other modes do not interfere (MiB)."""
+def peak_mib_in_fresh_process(threads: int, make_step: str) -> float:
+    """Peak memory of one step (MiB), measured in a fresh process so allocator caches of other
+    measurements do not interfere. ``make_step`` is Python source that defines the step ``s``."""
     code = (
         "import json,torch;"
-        "from circuitbench.bench import _setup,_step_fn,measure_peak_mib;"
+        "from circuitbench.bench import measure_peak_mib;"
         f"torch.set_num_threads({threads});"
-        f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
-        f"s=_step_fn({mode!r},m,mm,c,x);"
+        f"{make_step};"
         "print(json.dumps(measure_peak_mib(s)))"
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_mib(spec, batch, seq, threads, mode) -> float:
+    """Peak memory of one step of ``mode`` (MiB)."""
+    return peak_mib_in_fresh_process(threads, "from circuitbench.bench import _setup,_step_fn;"
+                                               f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
+                                               f"s=_step_fn({mode!r},m,mm,c,x)")
 
 
 def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,

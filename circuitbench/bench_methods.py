@@ -24,9 +24,7 @@ and of a plain step, each measured in a fresh process.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -154,19 +152,15 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
 
 
 def _ep_peak_mib(spec, batch, seq, threads) -> float:
-    code = (
-        "import json,torch;"
-        "from circuitbench.bench import _setup,measure_peak_mib;"
+    """Peak memory of one Edge Pruning step (MiB), after a first step has built its state."""
+    from .bench import peak_mib_in_fresh_process
+
+    return peak_mib_in_fresh_process(threads, (
+        "from circuitbench.bench import _setup;"
         "from circuitbench.bench_methods import _BenchTask,_examples,_ep_step_fn;"
-        f"torch.set_num_threads({threads});"
         f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
         "s=_ep_step_fn(mm,_BenchTask(),_examples(c,x,m.hf_model.config.vocab_size),True);"
-        "s();"
-        "print(json.dumps(measure_peak_mib(s)))"
-    )
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+        "s()"))
 
 
 def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
