@@ -165,3 +165,17 @@ def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[Nor
                                    area_log(k, f, log_from) if math.isfinite(log_from) else math.nan,
                                    log_from, full, empty))
     return out
+
+
+def normalised_panels(data: ReportData):
+    """For every (task, model) panel with an AUC metric: (task, model, metric, its curves
+    normalised against the full model and the empty circuit; empty when they cannot be)."""
+    from .data import auc_metric
+
+    for task, model in data.panels:
+        metric = auc_metric(data.test_metrics(task))
+        if metric is None:
+            continue
+        full, empty = data.reference(task, model, "full", metric), data.reference(task, model, "empty", metric)
+        yield task, model, metric, normalised_panel(panel_curves(data, task, model, metric), full, empty)
+

@@ -13,8 +13,8 @@ import math
 
 from . import style
 from .artifact import Artifact
-from .curves import Curve, normalised_panel, panel_curves
-from .data import (ReportData, accuracy_metric, auc_metric, exact_metric, faithfulness_metric, metric_label,
+from .curves import Curve, normalised_panels, panel_curves
+from .data import (ReportData, accuracy_metric, exact_metric, faithfulness_metric, metric_label,
                    performance_metric)
 
 # The empty circuit's value is drawn as a line when it lies within this many data ranges of the
@@ -277,12 +277,7 @@ def auc_curves(data: ReportData) -> Artifact:
                            "against the fraction of edges kept, log axis; anchored at the empty circuit (0) and "
                            "the full model (1 at all edges). The shaded range is what the log-axis AUC covers.")
     panels = []
-    for task, model in data.panels:
-        metric = auc_metric(data.test_metrics(task))
-        if metric is None:
-            continue
-        full, empty = data.reference(task, model, "full", metric), data.reference(task, model, "empty", metric)
-        normed = normalised_panel(panel_curves(data, task, model, metric), full, empty)
+    for task, model, metric, normed in normalised_panels(data):
         if normed:
             panels.append((task, model, metric, normed))
         else:

@@ -24,8 +24,8 @@ import math
 import pandas as pd
 
 from .artifact import Artifact
-from .curves import normalised_panel, panel_curves
-from .data import ReportData, auc_metric, faithfulness_metric, method_sort_key, task_sort_key
+from .curves import normalised_panels
+from .data import ReportData, faithfulness_metric, method_sort_key, task_sort_key
 
 CASE_STUDY_SETTINGS = (("boolexpr-ip", "IP"), ("boolexpr-fs", "FS"))
 CASE_STUDY_METRICS = (("accuracy", "accuracy"), ("exact_match", "exact match"))
@@ -53,19 +53,14 @@ def auc_table(data: ReportData) -> Artifact:
                            "width; a series that does not reach down to it (e.g. a scaling run at one sparsity) has "
                            "no log-axis value. Higher is better; 1 = as faithful as the full model.")
     rows = []
-    for task, model in data.panels:
-        metric = auc_metric(data.test_metrics(task))
-        if metric is None:
-            continue
-        full, empty = data.reference(task, model, "full", metric), data.reference(task, model, "empty", metric)
-        normed = normalised_panel(panel_curves(data, task, model, metric), full, empty)
+    for task, model, metric, normed in normalised_panels(data):
         if not normed:
             art.notes.append(f"{task} ({model}): no usable full-model/empty-circuit references for {metric}")
         for n in normed:
             c = n.curve
             rows.append({"task": task, "model": model, "method": c.method, "preset": c.method_preset,
                          "n_train": c.n_train, "series": c.label, "metric": metric,
-                         "full": full, "empty": empty, "sparsities": len(c.points), "seeds": c.n_seeds,
+                         "full": n.full, "empty": n.empty, "sparsities": len(c.points), "seeds": c.n_seeds,
                          "auc_linear": n.auc_linear, "auc_log": n.auc_log, "log from (k)": n.log_from})
             art.run_ids += c.run_ids
     if not rows:
