@@ -416,7 +416,7 @@ class Sweep:
                 raise UserError("no method given: use --methods ep,acdc,eap (or a preset that names them)")
             method_classes = {m: get_method(m) for m in methods}
             models = self._models_for(task_name, task)
-            sparsities = self.get("sparsities", task_name)
+            sparsities = self._sparsities_for(task_name, task, models)
             n_validation = self.get("n_validation", task_name)
             sizes = {"validation": n_validation} if n_validation is not None else None
             n_trains = self.get("n_train", task_name) or [None]
@@ -475,6 +475,19 @@ class Sweep:
             if "models" in src.top and (not own or src.name == "command line"):
                 return src.top["models"]
         return [own] if own else list(DEFAULTS["models"])
+
+    def _sparsities_for(self, task_name, task, models):
+        """The sparsities asked for; for a task with a known circuit (Tracr) and none asked for, its
+        ground truth's sparsity, so the default run scores recovery at the true size rather than
+        at the language-model grid (which would cut a 23-edge graph to one or two edges)."""
+        asked = any("sparsities" in src.top or "sparsities" in src.per_task.get(task_name, {})
+                    for src in self.sources[1:])
+        truth = getattr(task, "ground_truth", None)
+        if asked or truth is None or len(models) != 1:
+            return self.get("sparsities", task_name)
+        from .models import load_model
+
+        return [1.0 - len(truth()) / load_model(models[0]).graph.n_edges]
 
     def describe(self) -> str:
         """The sources in effect, one line."""

@@ -160,3 +160,11 @@ def test_presets_plan(preset):
     assert jobs and refs
     assert all(j.method_preset == preset for j in jobs)
     assert {j.method for j in jobs} >= {"ep", "acdc", "eap"}
+
+
+def test_tracr_tasks_default_to_their_ground_truth_sparsity():
+    """With no sparsity asked for, a task with a known circuit is cut at its true size."""
+    jobs, _ = Sweep.build(flags={"methods": "ep", "tasks": "tracr-xproportion"}).plan()
+    assert [j.target_sparsity for j in jobs] == [pytest.approx(1 - 5 / 23)]
+    asked, _ = Sweep.build(flags={"methods": "ep", "tasks": "tracr-xproportion", "sparsities": "0.5"}).plan()
+    assert [j.target_sparsity for j in asked] == [0.5]
