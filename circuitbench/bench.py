@@ -76,6 +76,17 @@ def _step_fn(mode, model, mm, clean, corrupted):
     return step
 
 
+def median_seconds(step, repeats: int) -> float:
+    """Median wall time of ``step()`` over ``repeats`` calls, after one warm-up call."""
+    step()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
 def time_modes(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, modes=MODES,
                progress=True) -> dict:
     """Median seconds per step of each mode, all measured in this process on the same batch."""
@@ -83,14 +94,7 @@ def time_modes(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5,
     model, mm, clean, corrupted = _setup(spec, batch, seq)
     times = {}
     for mode in modes:
-        step = _step_fn(mode, model, mm, clean, corrupted)
-        step()  # warm-up
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - t0)
-        times[mode] = statistics.median(samples)
+        times[mode] = median_seconds(_step_fn(mode, model, mm, clean, corrupted), repeats)
         if progress:
             print(f"  {mode:<24} {times[mode] * 1e3:9.1f} ms/step (median of {repeats})", file=sys.stderr)
     return times

@@ -72,16 +72,6 @@ def _once(step) -> float:
     return time.perf_counter() - t0
 
 
-def _median(step, repeats) -> float:
-    step()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
     """Seconds per Edge Pruning training step, from runs of the method itself (their ``train``
     phases). The full model's logits are kept either way; ``keep_corrupted=False``
