@@ -119,8 +119,7 @@ class _AttentionBlock(torch.nn.Module):
         self.attn = layer.self_attn
 
     def forward(self, x, cos, sin, mask, per_head: bool, n_heads: int, n_kv: int, head_dim: int, scale: float):
-        from .adapters.base import heads_out, project, sdpa
-        from .adapters.llama import _rotate_half
+        from .adapters.llama import llama_attention
 
         at, d = self.attn, x.shape[-1]
 
@@ -128,11 +127,9 @@ class _AttentionBlock(torch.nn.Module):
             b = None if lin.bias is None else lin.bias.view(n, head_dim)
             return lin.weight.view(n, head_dim, d), b
 
-        q, k, v = project(self.norm(x), [wb(at.q_proj, n_heads), wb(at.k_proj, n_kv), wb(at.v_proj, n_kv)])
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = sdpa(q, k, v, mask, True, scale)
-        return heads_out(o, at.o_proj.weight.T.view(n_heads, head_dim, d), per_head)
+        groups = [wb(at.q_proj, n_heads), wb(at.k_proj, n_kv), wb(at.v_proj, n_kv)]
+        W_o = at.o_proj.weight.T.view(n_heads, head_dim, d)
+        return llama_attention(self.norm(x), groups, W_o, cos, sin, mask, scale, per_head)
 
 
 class _MlpBlock(torch.nn.Module):

@@ -256,6 +256,12 @@ class MaskedModel(torch.nn.Module):
         after the call ``stack`` holds this pass's writer stack; a later pass whose masks differ
         only in readers at or after some slot can restart there with the same ``stack``. Passing
         ``stack`` with ``start_slot=0`` computes everything and fills it.
+
+        Without autograd (``torch.no_grad()``: evaluation, ACDC's trials) the pass computes only
+        the writers that can reach the logits through kept edges (`live_writers`) when the adapter
+        supports head subsets; their stack rows are the only ones written, so a restarted pass must
+        not read a writer before ``start_slot`` that was dead in the pass that filled ``stack``
+        (ACDC fills it with the full model, where every writer is live).
         """
         a, g = self.adapter, self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
@@ -282,6 +288,10 @@ class MaskedModel(torch.nn.Module):
                              f"{stack.dtype} {tuple(stack.shape)}")
         else:
             buf = stack
+
+        prune = not torch.is_grad_enabled() and getattr(a, "head_subsets", False)
+        if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
+            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot)
         state = _StackGrad()
 
         def push(start, out):  # out: [n, ...] writer outputs; the stack stores D = out - y~
@@ -315,6 +325,93 @@ class MaskedModel(torch.nn.Module):
                 latest = layer(l, latest, mask)
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, latest, rows)
+        return a.unembed(final.view(B, P, d))
+
+    def live_writers(self, mask: torch.Tensor) -> torch.Tensor:
+        """Writers whose output can reach the logits under ``mask`` (effective, [W, R]): bool [W].
+
+        A writer is live when a kept edge (non-zero mask) leads from it to the logits reader or to
+        a reader of a live node (a head's query reader, its key/value group's readers, an MLP's
+        reader). A dead writer's output is read with coefficient 0 everywhere that matters, so
+        leaving it out of a forward pass changes nothing.
+        """
+        g = self.graph
+        nz = (mask != 0) & g.valid.to(mask.device)
+        need = torch.zeros(g.n_readers, dtype=torch.bool, device=mask.device)
+        need[g.logits_reader] = True
+        alive = torch.zeros(g.n_writers, dtype=torch.bool, device=mask.device)
+        H, G = g.n_heads, g.kv_heads
+        for l in reversed(range(self._L)):
+            mw = g.mlp_writer(l)
+            alive[mw] = (nz[mw] & need).any()
+            need[g.mlp_reader(l)] = alive[mw]
+            hs, ar = g.head_writers(l), g.attn_readers(l)
+            heads = (nz[hs] & need).any(1)
+            alive[hs] = heads
+            groups = heads.view(G, H // G).any(1)
+            need[ar.start:ar.start + H] = heads
+            need[ar.start + H:ar.start + H + G] = groups
+            need[ar.start + H + G:ar.stop] = groups
+        alive[0] = (nz[0] & need).any()
+        return alive
+
+    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot):
+        """The masked pass without autograd, computing only live writers (`live_writers`): dead
+        heads and MLPs are skipped, and each read point reads only the live writers' stack rows.
+        Equal to the full masked pass up to float rounding. Stack rows of dead writers are left as
+        they were (every coefficient that would read them is 0)."""
+        a, g, d = self.adapter, self.graph, self.adapter.d_model
+        B, S = ids.shape
+        N = B * S * d
+        ytil = corrupted.writers
+        live = self.live_writers(mask)
+        live_idx = live.nonzero().flatten()
+        live_list = live.tolist()
+
+        def push(index, out):  # index: LongTensor of writer rows, out [n, B, S, d]
+            flat = out.reshape(out.shape[0], N)
+            if ytil is not None:
+                flat = flat - ytil.index_select(0, index)
+            buf.index_copy_(0, index, flat)
+
+        def read(n_writers, readers, slot, token_rows=None):
+            base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
+            widx = live_idx[live_idx < n_writers]
+            if len(widx) == n_writers:
+                src, m = buf[:n_writers], mask[:n_writers, readers]
+            else:
+                src, m = buf.index_select(0, widx), mask[widx][:, readers]
+            if token_rows is not None:
+                src = src.view(src.shape[0], N // d, d)[:, token_rows].reshape(src.shape[0], base.shape[1])
+            return torch.addmm(base, m.t(), src)
+
+        dev = self.device
+        if start_slot == 0:
+            push(torch.zeros(1, dtype=torch.long, device=dev), a.embed(ids).to(self.dtype)[None])
+        H, G = g.n_heads, g.kv_heads
+        for l in range(start_slot // 2, self._L):
+            hs, ar = g.head_writers(l), g.attn_readers(l)
+            heads = [h for h in range(H) if live_list[hs.start + h]]
+            if start_slot <= 2 * l and heads:
+                if len(heads) == H:
+                    x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, B, S, d)
+                    out = a.attention(l, x, ctx, per_head=True)
+                    index = torch.arange(hs.start, hs.stop, device=dev)
+                else:
+                    sub = torch.tensor(heads, device=dev)
+                    groups, _ = a.kv_groups(sub)
+                    readers = torch.cat([ar.start + sub, ar.start + H + groups, ar.start + H + G + groups])
+                    x = read(g.writers_before_attn(l), readers, 2 * l).view(-1, B, S, d)
+                    out = a.attention(l, x, ctx, per_head=True, heads=sub)
+                    index = hs.start + sub
+                push(index, out)
+            mw = g.mlp_writer(l)
+            if live_list[mw]:
+                mr = g.mlp_reader(l)
+                x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
+                push(torch.tensor([mw], device=dev), a.mlp(l, x)[None])
+        lr = g.logits_reader
+        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
         return a.unembed(final.view(B, P, d))
 
     def _effective_mask(self, edge_mask, node_mask):

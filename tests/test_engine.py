@@ -298,3 +298,91 @@ def test_bf16_mask_gradients_within_tolerance(model):
     for a, b in ((e0, e1), (n0, n1)):
         rel = (a - b.float()).norm() / a.norm()
         assert rel <= BF16_TOLERANCE, rel.item()
+
+
+# ---- the pruned pass (no autograd: evaluation, ACDC's trials) -------------------------------------
+def _sparse_mask(g, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(g.n_writers, g.n_readers, generator=gen) < density).float()
+
+
+@pytest.mark.parametrize("ablation", ["interchange", "zero"])
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_pruned_pass_equals_full_masked_pass(model, ablation, density):
+    """Without autograd the engine skips writers no kept edge path leads from to the logits; the
+    logits must equal those of the pass that computes every writer (the autograd path)."""
+    clean, corrupted = _batch(3)
+    mm, g = MaskedModel(model), model.graph
+    pos = torch.tensor([6, 4, 5])
+    for seed in range(3):
+        mask = _sparse_mask(g, density, seed)
+        with torch.enable_grad():
+            want = mm(clean, corrupted, edge_mask=mask, positions=pos, ablation=ablation)
+        with torch.no_grad():
+            got = mm(clean, corrupted, edge_mask=mask, positions=pos, ablation=ablation)
+        assert (got - want).abs().max().item() <= 1e-4
+        if density < 1:
+            assert not mm.live_writers(mm._effective_mask(mask, None)).all()
+
+
+def test_pruned_pass_skips_dead_nodes(model, monkeypatch):
+    """Only the embedding feeds the logits and one MLP: no attention runs and one MLP runs."""
+    clean, corrupted = _batch(4)
+    mm, g = MaskedModel(model), model.graph
+    cache = mm.corrupted_cache(corrupted)  # the corrupted pass runs every node; made before counting
+    calls = {"attention": [], "mlp": []}
+    attention, mlp = model.adapter.attention, model.adapter.mlp
+    monkeypatch.setattr(model.adapter, "attention",
+                        lambda l, x, ctx, per_head=True, heads=None: calls["attention"].append(l) or
+                        attention(l, x, ctx, per_head=per_head, heads=heads))
+    monkeypatch.setattr(model.adapter, "mlp", lambda l, x: calls["mlp"].append(l) or mlp(l, x))
+    mask = torch.zeros(g.n_writers, g.n_readers)
+    mask[0, g.logits_reader] = 1
+    mask[0, g.mlp_reader(0)] = 1
+    mask[g.mlp_writer(0), g.logits_reader] = 1
+    # a head whose only outgoing edge goes to a dead MLP: dead too
+    mask[g.head_writers(0).start, g.mlp_reader(g.n_layers - 1)] = 1
+    with torch.no_grad():
+        got = mm(clean, corrupted=cache, edge_mask=mask)
+    assert calls == {"attention": [], "mlp": [0]}
+    live = mm.live_writers(mask)
+    assert live.nonzero().flatten().tolist() == [0, g.mlp_writer(0)]
+    with torch.enable_grad():
+        want = mm(clean, corrupted, edge_mask=mask)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_pruned_pass_computes_a_subset_of_heads(model):
+    """Half the heads of each layer live (under GQA: part of a key/value group): equal logits."""
+    clean, corrupted = _batch(5)
+    mm, g = MaskedModel(model), model.graph
+    mask = torch.ones(g.n_writers, g.n_readers)
+    for l in range(g.n_layers):
+        dead = list(range(g.head_writers(l).start, g.head_writers(l).stop))[1::2]
+        mask[dead] = 0
+    live = mm.live_writers(mask)
+    assert 0 < int(live.sum()) < g.n_writers
+    with torch.enable_grad():
+        want = mm(clean, corrupted, edge_mask=mask)
+    with torch.no_grad():
+        got = mm(clean, corrupted, edge_mask=mask)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_pruned_restart_equals_full_pass(model):
+    """ACDC's use: fill the stack with the full model, then restart at a read slot with a mask
+    that changes only readers at or after that slot."""
+    clean, corrupted = _batch(6)
+    mm, g = MaskedModel(model), model.graph
+    cache = mm.corrupted_cache(corrupted)
+    B, S = clean.shape
+    stack = torch.empty(g.n_writers, B * S * model.adapter.d_model)
+    with torch.no_grad():
+        mm(clean, corrupted=cache, stack=stack)
+        mask = torch.ones(g.n_writers, g.n_readers)
+        last = g.n_layers - 1
+        mask[:, g.attn_readers(last)] = _sparse_mask(g, 0.2, 7)[:, g.attn_readers(last)]
+        mask[:, g.mlp_reader(last):] = _sparse_mask(g, 0.2, 8)[:, g.mlp_reader(last):]
+        got = mm(clean, corrupted=cache, edge_mask=mask, start_slot=2 * last, stack=stack)
+    want = mm(clean, corrupted=cache, edge_mask=mask)
+    assert (got - want).abs().max().item() <= 1e-4

@@ -12,6 +12,10 @@ functions over tensors, so the engine can feed every reader its own input:
   own norm, projections, rotary embedding and attention, and returns each head's output after
   W_O **without** the output bias: ``[n_heads, B, S, d]`` (``per_head=False``: their sum ``[B, S, d]``,
   the fast path of a plain forward).
+  ``heads`` (optional, a sorted LongTensor of head indices): compute those heads only; ``x`` then
+  holds the query rows of ``heads``, then the key rows and the value rows of their key/value
+  groups (`Adapter.kv_groups`), and the result is ``[len(heads), B, S, d]``. The engine uses it to
+  skip heads whose output no kept edge reads (``head_subsets = True`` declares support).
 * ``attn_out_bias(layer)`` -> ``[d]`` or None: the output bias, a constant that rides along in the
   residual stream (never ablated).
 * ``mlp(layer, x)``: ``[B, S, d]`` -> ``[B, S, d]``, norm included.
@@ -33,6 +37,7 @@ from ..graph import Graph
 class Adapter(ABC):
     family: str = "base"
     causal: bool = True
+    head_subsets: bool = False  # attention(..., heads=...) computes a subset of the heads
 
     n_layers: int
     n_heads: int
@@ -53,7 +58,8 @@ class Adapter(ABC):
         return None
 
     @abstractmethod
-    def attention(self, layer: int, x: torch.Tensor, ctx: Any, per_head: bool = True) -> torch.Tensor:
+    def attention(self, layer: int, x: torch.Tensor, ctx: Any, per_head: bool = True,
+                  heads: torch.Tensor | None = None) -> torch.Tensor:
         ...
 
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
@@ -68,6 +74,12 @@ class Adapter(ABC):
         ...
 
     # ---- shared helpers ------------------------------------------------------------------------
+    def kv_groups(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sorted key/value groups that ``heads`` use, each head's position in that list)."""
+        group = heads // (self.n_heads // self.n_kv_heads)
+        groups, position = torch.unique(group, sorted=True, return_inverse=True)
+        return groups, position
+
     @staticmethod
     def attention_bias(seq_len: int, attention_mask: torch.Tensor | None, causal: bool, device, dtype):
         """Boolean mask [B or 1, 1, S, S] for SDPA, or None when plain causal attention suffices.
@@ -125,10 +137,13 @@ def heads_out(o: torch.Tensor, W_o: torch.Tensor, per_head: bool) -> torch.Tenso
     return (o.permute(1, 2, 0, 3).reshape(B * S, H * dh) @ W_o.reshape(H * dh, -1)).view(B, S, -1)
 
 
-def sdpa(q, k, v, ctx_mask, causal: bool, scale: float) -> torch.Tensor:
+def sdpa(q, k, v, ctx_mask, causal: bool, scale: float, kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over ``[H, B, S, dh]`` tensors (heads lead, so no transposes); k/v may have fewer
-    (grouped) heads. ``ctx_mask``: boolean ``[B, 1, S, S]`` or None."""
-    if k.shape[0] != q.shape[0]:
+    (grouped) heads: consecutive heads share a group, or ``kv_of_head`` gives each query head's
+    k/v row. ``ctx_mask``: boolean ``[B, 1, S, S]`` or None."""
+    if kv_of_head is not None:
+        k, v = k[kv_of_head], v[kv_of_head]
+    elif k.shape[0] != q.shape[0]:
         rep = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
     mask = None if ctx_mask is None else ctx_mask.transpose(0, 1)  # [1, B, S, S] broadcasts over heads

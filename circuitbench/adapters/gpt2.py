@@ -11,6 +11,7 @@ from .base import Adapter, heads_out, project, sdpa
 
 class GPT2Adapter(Adapter):
     family = "gpt2"
+    head_subsets = True
 
     def __init__(self, hf_model):
         cfg = hf_model.config
@@ -42,12 +43,16 @@ class GPT2Adapter(Adapter):
     def context(self, seq_len, attention_mask, device):
         return self.attention_bias(seq_len, attention_mask, True, device, None)
 
-    def attention(self, layer, x, ctx, per_head=True):
+    def attention(self, layer, x, ctx, per_head=True, heads=None):
         blk = self.tr.h[layer]
-        (qkv,) = project(blk.ln_1(x), [(self.W_qkv[layer], self.b_qkv[layer])])
-        q, k, v = qkv.split(self.n_heads)
+        W, b, W_o = self.W_qkv[layer], self.b_qkv[layer], self.W_o[layer]
+        if heads is not None:  # no grouping: each head has its own key and value rows
+            rows = torch.cat([heads, heads + self.n_heads, heads + 2 * self.n_heads])
+            W, b, W_o = W[rows], b[rows], W_o[heads]
+        (qkv,) = project(blk.ln_1(x), [(W, b)])
+        q, k, v = qkv.split(qkv.shape[0] // 3)
         o = sdpa(q, k, v, ctx, True, self.scales[layer])
-        return heads_out(o, self.W_o[layer], per_head)
+        return heads_out(o, W_o, per_head)
 
     def attn_out_bias(self, layer):
         return self.tr.h[layer].attn.c_proj.bias.detach()

@@ -15,8 +15,25 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def _pick(wb, index):
+    W, b = wb
+    return W[index], None if b is None else b[index]
+
+
+def llama_attention(x, groups, W_o, cos, sin, mask, scale, per_head, kv_of_head=None):
+    """Attention of one Llama layer on normed reader inputs ``x`` [R, B, S, d] (or [1, B, S, d]):
+    ``groups`` = [(W_q, b_q), (W_k, b_k), (W_v, b_v)] per head in (out, in) layout, ``W_o``
+    [H, dh, d]; rotary embedding, (grouped) attention, per-head output projection."""
+    q, k, v = project(x, groups)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    o = sdpa(q, k, v, mask, True, scale, kv_of_head)
+    return heads_out(o, W_o, per_head)
+
+
 class LlamaAdapter(Adapter):
     family = "llama"
+    head_subsets = True
 
     def __init__(self, hf_model):
         cfg = hf_model.config
@@ -50,14 +67,15 @@ class LlamaAdapter(Adapter):
         cos, sin = self.core.rotary_emb(probe, pos)  # [1, S, dh] each
         return cos, sin, self.attention_bias(seq_len, attention_mask, True, device, None)
 
-    def attention(self, layer, x, ctx, per_head=True):
+    def attention(self, layer, x, ctx, per_head=True, heads=None):
         cos, sin, mask = ctx
-        lay = self.core.layers[layer]
-        q, k, v = project(lay.input_layernorm(x), self.groups[layer])
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = sdpa(q, k, v, mask, True, self.scales[layer])
-        return heads_out(o, self.W_o[layer], per_head)
+        groups, W_o, kv_of_head = self.groups[layer], self.W_o[layer], None
+        if heads is not None:
+            kv, kv_of_head = self.kv_groups(heads)
+            groups = [_pick(groups[0], heads), _pick(groups[1], kv), _pick(groups[2], kv)]
+            W_o = W_o[heads]
+        x = self.core.layers[layer].input_layernorm(x)
+        return llama_attention(x, groups, W_o, cos, sin, mask, self.scales[layer], per_head, kv_of_head)
 
     def attn_out_bias(self, layer):
         b = self.core.layers[layer].self_attn.o_proj.bias

@@ -88,6 +88,7 @@ class TracrAdapter(Adapter):
 
     family = "tracr"
     causal = False
+    head_subsets = True
 
     def __init__(self, name: str, device=None, dtype=None):
         self.meta = load_metadata(name)
@@ -129,10 +130,13 @@ class TracrAdapter(Adapter):
         # right padding is masked out of the keys; without a mask every position sees every other
         return self.attention_bias(seq_len, attention_mask, False, device, None)
 
-    def attention(self, layer, x, ctx, per_head=True):
-        q, k, v = project(x, [(self.W_Q[layer], None), (self.W_K[layer], None), (self.W_V[layer], None)])
+    def attention(self, layer, x, ctx, per_head=True, heads=None):
+        W_Q, W_K, W_V, W_O = self.W_Q[layer], self.W_K[layer], self.W_V[layer], self.W_O[layer]
+        if heads is not None:  # no grouping: each head has its own key and value rows
+            W_Q, W_K, W_V, W_O = W_Q[heads], W_K[heads], W_V[heads], W_O[heads]
+        q, k, v = project(x, [(W_Q, None), (W_K, None), (W_V, None)])
         o = sdpa(q, k, v, ctx, False, self.scale)
-        return heads_out(o, self.W_O[layer], per_head)
+        return heads_out(o, W_O, per_head)
 
     def mlp(self, layer, x):
         hidden = torch.relu(x @ self.W_in[layer] + self.b_in[layer])
