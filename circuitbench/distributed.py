@@ -10,15 +10,17 @@ the same seeded generator on every rank, so each rank takes the step one process
 the whole batch and the masks stay identical (``tests/test_distributed.py`` checks this against a
 single process on CPU with the gloo backend).
 
-Sharding the frozen model (``--fsdp``, CUDA only). The model's weights are split over the ranks
-with PyTorch FSDP (``torch.distributed.fsdp.fully_shard``): per decoder layer, one FSDP unit for
-the attention block (input norm + q/k/v/o projections) and one for the MLP block (norm + MLP), and
-one each for the embeddings and the unembedding (final norm + head). The engine runs these units
-through `ShardedLlamaAdapter`, so each unit's weights are gathered just before use, freed after,
-and gathered again for the backward pass (and for the recomputation under gradient
-checkpointing). The weights are frozen, so nothing is reduce-scattered: only the mask gradients
-cross the network. This path needs CUDA and NCCL; it is not exercised by the CPU tests, and on
-CPU ``--fsdp`` is an error. Llama-family models only (CodeLlama, SmolLM2, Mistral-style).
+Sharding the frozen model (``--fsdp``). The model's weights are split over the ranks with PyTorch
+FSDP2 (``torch.distributed.fsdp.fully_shard``): per decoder layer, one FSDP unit for the attention
+block (input norm + q/k/v/o projections) and one for the MLP block (norm + MLP), and one each for
+the embeddings and the unembedding (final norm + head). The engine runs these units through
+`ShardedLlamaAdapter`, so each unit's weights are gathered just before use, freed after, and
+gathered again for the backward pass (and for the recomputation under gradient checkpointing).
+The weights are frozen, so nothing is reduce-scattered: only the mask gradients cross the network.
+It runs on GPUs (NCCL) and on CPU processes (gloo): FSDP2 shards CPU tensors over a CPU device
+mesh and gathers them with gloo (checked with torch 2.13). ``tests/test_distributed.py`` checks
+on CPU that two gloo processes training Edge Pruning on the sharded model learn the masks one
+process learns with the whole model. Llama-family models only (CodeLlama, SmolLM2, Mistral-style).
 
 Launching (``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous)::
 
@@ -34,7 +36,8 @@ Launching (``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous)::
         --rdzv_endpoint HOST:29500 --rdzv_id casestudy -m circuitbench.distributed \\
         --casestudy boolexpr --model codellama/CodeLlama-13b-Instruct-hf --preset paper --fsdp
 
-    # any Edge Pruning sweep, data-parallel over CPU processes (gloo) or GPUs
+    # any Edge Pruning sweep, data-parallel over CPU processes (gloo) or GPUs (add --fsdp to shard
+    # the model over the processes as well)
     torchrun --nproc_per_node 2 -m circuitbench.distributed --task gt --model random:llama-tiny \\
         --sparsities 0.9 --method-preset smoke
 
@@ -51,9 +54,9 @@ their Adam state); `codellama_13b_config()` builds CodeLlama-13B's config withou
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +112,7 @@ def init_from_env(backend: str | None = None) -> tuple[DataParallel, str]:
     return DataParallel(dist.get_rank(), dist.get_world_size()), device
 
 
-# ---- FSDP sharding of the frozen model (CUDA only) --------------------------------------------------
+# ---- FSDP sharding of the frozen model (NCCL on GPUs, gloo on CPU) -----------------------------------
 class _AttentionBlock(torch.nn.Module):
     """A decoder layer's input norm and attention projections: one FSDP unit."""
 
@@ -156,15 +159,28 @@ class _Unembed(torch.nn.Module):
 class ShardedLlamaAdapter:
     """The Llama adapter's computation run through FSDP units, so every weight is gathered when a
     unit runs (forward, backward and checkpoint recomputation) and freed after. Same contract as
-    `circuitbench.adapters.llama.LlamaAdapter`."""
+    `circuitbench.adapters.llama.LlamaAdapter`, except head subsets (below).
+
+    The units are sharded over a one-dimensional device mesh of ``device``'s type spanning the
+    default process group: CUDA ranks gather with NCCL, CPU ranks with gloo."""
 
     family = "llama"
     causal = True
     has_mlp = True
+    # No head subsets (`attention` takes no ``heads``): the engine's passes without autograd then run
+    # every head's and MLP's unit instead of skipping the dead ones, so every rank runs the same FSDP
+    # units in the same order, whatever its masks and shard of the batch. Each unit's all-gather is
+    # a collective that every rank must join; a unit run by some ranks only would hang the group.
+    head_subsets = False
 
     def __init__(self, hf_model, device):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # an explicit mesh: FSDP's default one is on the accelerator whenever there is one, even
+        # when this process group runs on CPU (gloo)
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
         cfg = hf_model.config
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -185,7 +201,7 @@ class ShardedLlamaAdapter:
         self.unembed_unit = _Unembed(core.norm, hf_model.lm_head)
         for unit in [*self.attn_blocks, *self.mlp_blocks, self.embed_unit, self.unembed_unit]:
             unit.to(device)
-            fully_shard(unit, mp_policy=policy, reshard_after_forward=True)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
 
     @property
     def graph(self):
@@ -206,8 +222,14 @@ class ShardedLlamaAdapter:
 
     def attention(self, layer, x, ctx, per_head=True):
         cos, sin, mask = ctx
-        return self.attn_blocks[layer](x, cos, sin, mask, per_head, self.n_heads, self.n_kv_heads,
-                                       self.head_dim, self.scales[layer])
+        with warnings.catch_warnings():
+            # the unit's output is a view (per-head outputs reshaped from one matmul); FSDP warns that an
+            # in-place op on it would lose its pre-backward all-gather. The engine only reads writer
+            # outputs out of place, and copying the output to silence the warning would cost a layer's
+            # per-head outputs again.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            return self.attn_blocks[layer](x, cos, sin, mask, per_head, self.n_heads, self.n_kv_heads,
+                                           self.head_dim, self.scales[layer])
 
     def attn_out_bias(self, layer):
         return None
@@ -221,10 +243,20 @@ class ShardedLlamaAdapter:
 
 def shard_model(model, device: str):
     """Shard a loaded Llama-family model's weights over the process group with FSDP, in place (the
-    `LoadedModel` keeps its graph and tokenizer and gets a `ShardedLlamaAdapter`)."""
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        raise UserError("--fsdp shards the model over GPUs and needs CUDA (NCCL); on CPU run without --fsdp "
-                        "(every process then holds the whole model)")
+    `LoadedModel` keeps its graph and tokenizer and gets a `ShardedLlamaAdapter`). ``device``: this
+    rank's GPU (``cuda:N``, NCCL group) or ``cpu`` (gloo group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise UserError("--fsdp shards the model over a process group: launch with "
+                        "`torchrun --nproc_per_node N -m circuitbench.distributed ... --fsdp`")
+    kind = torch.device(device).type
+    backend = dist.get_backend()
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--fsdp on {device}: CUDA is not available on this machine")
+    if {"cpu": "gloo", "cuda": "nccl"}.get(kind, "-") not in backend:
+        raise UserError(f"--fsdp runs on GPUs (NCCL) or CPU processes (gloo), not on {device} with the "
+                        f"{backend} backend")
     if getattr(model.adapter, "family", None) != "llama":
         raise UserError(f"--fsdp supports Llama-family models; {model.spec} is {model.adapter.family}")
     model.adapter = ShardedLlamaAdapter(model.hf_model, device)
@@ -409,9 +441,7 @@ def load_for_rank(spec: str, device: str, dtype: str, fsdp: bool, checkpoint: bo
     from .models import load_model
 
     if fsdp:
-        if not device.startswith("cuda"):
-            raise UserError("--fsdp needs CUDA: it shards the model over GPUs (run without --fsdp on CPU)")
-        model = load_model(spec, device="cpu", dtype=dtype)  # sharded onto the GPU unit by unit
+        model = load_model(spec, device="cpu", dtype=dtype)  # sharded onto the device unit by unit
         model.device = torch.device(device)
         shard_model(model, device)
     else:
@@ -479,23 +509,27 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
 
 
 def discover_local(world_size: int, spec: str, task: str, sparsity: float, n_train: int, preset: str = "smoke",
-                   overrides: dict | None = None, seed: int = 0, data_seed: int = 0, folder=None) -> list[dict]:
+                   overrides: dict | None = None, seed: int = 0, data_seed: int = 0, folder=None,
+                   fsdp: bool = False) -> list[dict]:
     """Edge Pruning data-parallel over ``world_size`` local CPU processes (gloo, no torchrun): each
     rank's learnt soft masks (the circuit's scores), circuit and training log, as
-    ``[{"scores", "edges", "log"}, ...]`` by rank. ``folder`` holds the rendezvous file and results
-    (a temporary folder by default)."""
+    ``[{"scores", "edges", "log"}, ...]`` by rank. ``fsdp``: the ranks shard the model's weights
+    with FSDP (`shard_model`) instead of each holding the whole model. ``folder`` holds the
+    rendezvous file and results (a temporary folder by default)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(folder or tmp)
-        args = (world_size, folder, spec, task, sparsity, n_train, preset, dict(overrides or {}), seed, data_seed)
+        args = (world_size, folder, spec, task, sparsity, n_train, preset, dict(overrides or {}), seed, data_seed,
+                fsdp)
         mp.spawn(_local_worker, args=args, nprocs=world_size, join=True)
         return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(world_size)]
 
 
-def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed):
+def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed,
+                  fsdp):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -503,7 +537,7 @@ def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, 
                             world_size=world_size)
     try:
         result = train_edge_pruning(spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed,
-                                    DataParallel(rank, world_size))
+                                    DataParallel(rank, world_size), fsdp=fsdp)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -511,23 +545,24 @@ def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, 
 
 def train_edge_pruning(spec: str, task_name: str, sparsity: float, n_train: int, preset: str = "smoke",
                        overrides: dict | None = None, seed: int = 0, data_seed: int = 0,
-                       dp: DataParallel | None = None, device: str = "cpu", dtype=None) -> dict:
+                       dp: DataParallel | None = None, device: str = "cpu", dtype=None, fsdp: bool = False) -> dict:
     """Train one Edge Pruning circuit in this process (as rank ``dp`` of a group, or alone):
-    ``{"scores": soft masks [W, R], "edges": bool [W, R], "log": training log}``."""
-    from .engine import MaskedModel
+    ``{"scores": soft masks [W, R], "edges": bool [W, R], "log": training log, "parameters_held":
+    the model weights this process stores}``. ``fsdp``: shard the model over the (initialised)
+    process group (`load_for_rank`)."""
     from .method import get_method
-    from .models import load_model
     from .tasks import get_task
 
-    model = load_model(spec, device=device, dtype=dtype)
+    model, engine = load_for_rank(spec, device, dtype, fsdp, checkpoint=False)
     task = get_task(task_name)
     train = task.build(model.tokenizer, seed=data_seed, n_train=n_train).train.to(model.device)
     cls = get_method("ep")
     method = cls(preset=preset, **(overrides or {}))
     method.data_parallel = dp
-    result = method.discover(MaskedModel(model), task, train, None, [sparsity], seed=seed, progress=False)
+    result = method.discover(engine, task, train, None, [sparsity], seed=seed, progress=False)
     circuit = result.circuits[sparsity]
-    return {"scores": circuit.scores, "edges": circuit.edges, "log": result.log}
+    held = sum((w.to_local() if hasattr(w, "to_local") else w).numel() for w in model.hf_model.parameters())
+    return {"scores": circuit.scores, "edges": circuit.edges, "log": result.log, "parameters_held": held}
 
 
 def _parser():
@@ -548,7 +583,7 @@ def _parser():
     p.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate on the first N test examples")
     p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--dtype", help="float32, bfloat16 (default on GPUs) or float16")
-    p.add_argument("--fsdp", action="store_true", help="shard the frozen model over the GPUs with FSDP (CUDA only)")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen model over the processes with FSDP (GPUs or CPU)")
     p.add_argument("--checkpoint", action="store_true", default=None,
                    help="gradient checkpointing of the masked pass (default: on with CUDA for --casestudy)")
     p.add_argument("--backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
@@ -574,7 +609,7 @@ def _sweep_from_args(args, device: str):
         raise UserError("give --task NAME (or --casestudy boolexpr)")
     flags = {"methods": "ep", "tasks": args.tasks, "models": args.model, "sparsities": args.sparsities,
              "n_train": None if args.n_train is None else str(args.n_train), "seeds": args.seeds,
-             "method_preset": args.method_preset, "eval_limit": args.eval_limit}
+             "method_preset": args.method_preset, "eval_limit": args.eval_limit, "results": args.results}
     if args.set_values:
         flags["method_config"] = parse_set(args.set_values)
     return Sweep.build(flags=flags)
@@ -595,8 +630,6 @@ def main(argv=None) -> int:
         dp, device = init_from_env(args.backend)
         sweep = _sweep_from_args(args, device)
         dtype = args.dtype or sweep.get("dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
-        if args.fsdp and not device.startswith("cuda"):
-            raise UserError("--fsdp needs CUDA: it shards the model over GPUs (run without --fsdp on CPU)")
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp.world_size))
         failed = run_jobs(sweep, dp, device, dtype, sweep.get("results") or args.results, fsdp=args.fsdp,

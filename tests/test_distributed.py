@@ -1,15 +1,18 @@
-"""Data-parallel Edge Pruning (two gloo processes = one process on the same global batches), the
-per-device memory estimate, and clean errors of the multi-device paths on CPU."""
+"""Data-parallel Edge Pruning (two gloo processes = one process on the same global batches, with
+the whole model on every process or FSDP-sharded over them), the FSDP adapter against the whole
+model, the per-device memory estimate, and clean errors of the multi-device paths."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from circuitbench.distributed import (DataParallel, acdc_seconds, codellama_13b_config, config_for_spec,
-                                      discover_local, estimate_memory, shard_model, train_edge_pruning)
+from circuitbench.distributed import (DataParallel, ShardedLlamaAdapter, acdc_seconds, codellama_13b_config,
+                                      config_for_spec, discover_local, estimate_memory, shard_model,
+                                      train_edge_pruning)
 from circuitbench.errors import UserError
 
 # ioi on the random Llama: the empty circuit's KL is ~0.25, so the masks' gradients are far from zero;
@@ -19,12 +22,15 @@ SETUP = dict(spec="random:llama-tiny", task="ioi", sparsity=0.5, n_train=12, pre
              overrides={"steps": 8, "batch_size": 5, "ramp_steps": 4, "init_log_alpha": 0.5, "lr": 0.1})
 
 
-@pytest.mark.slow  # two spawned processes importing torch and transformers: ~30 s on 2 busy cores
-def test_two_gloo_processes_learn_the_masks_of_one_process():
+@pytest.fixture(scope="module")
+def single():
+    """Edge Pruning in this process alone, with the whole model, on SETUP's global batches."""
     torch.set_num_threads(1)
-    single = train_edge_pruning(SETUP["spec"], SETUP["task"], SETUP["sparsity"], SETUP["n_train"],
-                                SETUP["preset"], SETUP["overrides"])
-    ranks = discover_local(2, **SETUP)
+    return train_edge_pruning(SETUP["spec"], SETUP["task"], SETUP["sparsity"], SETUP["n_train"], SETUP["preset"],
+                              SETUP["overrides"])
+
+
+def _same_masks_as_one_process(ranks, single):
     init = torch.sigmoid(torch.tensor(0.5))  # roughly where the soft masks started
     moved = (single["scores"] - init).nan_to_num().abs().max()
     assert moved > 1e-2, "the masks barely moved: the comparison would be vacuous"
@@ -35,6 +41,23 @@ def test_two_gloo_processes_learn_the_masks_of_one_process():
         kl_dp = torch.tensor([row["kl"] for row in r["log"]])
         kl_one = torch.tensor([row["kl"] for row in single["log"]])
         assert torch.allclose(kl_dp, kl_one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # two spawned processes importing torch and transformers: ~30 s on 2 busy cores
+def test_two_gloo_processes_learn_the_masks_of_one_process(single):
+    ranks = discover_local(2, **SETUP)
+    _same_masks_as_one_process(ranks, single)
+    assert all(r["parameters_held"] == single["parameters_held"] for r in ranks)  # whole model everywhere
+
+
+@pytest.mark.slow  # the same with FSDP's all-gathers in every pass: ~20 s on 2 busy cores
+def test_two_gloo_processes_with_fsdp_learn_the_masks_of_one_process(single):
+    ranks = discover_local(2, **SETUP, fsdp=True)
+    _same_masks_as_one_process(ranks, single)
+    # each rank stores only its shard of the weights: half of them (FSDP pads odd dimensions)
+    held = [r["parameters_held"] for r in ranks]
+    assert all(h < 0.6 * single["parameters_held"] for h in held)
+    assert sum(held) >= single["parameters_held"]
 
 
 def test_shards_cover_the_global_batch_and_stand_ins_weigh_nothing():
@@ -79,11 +102,64 @@ def test_configs_known_offline():
     assert config_for_spec("codellama/CodeLlama-13b-Instruct-hf").hidden_size == 5120
 
 
-def test_fsdp_on_cpu_is_a_clear_error():
+def test_fsdp_without_a_process_group_is_a_clear_error():
     from circuitbench import load_model
 
-    with pytest.raises(UserError, match="needs CUDA"):
+    with pytest.raises(UserError, match="process group"):
         shard_model(load_model("random:llama-tiny"), "cpu")
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A process group of this process alone (gloo), destroyed after the test."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp_path, 'rendezvous')}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_adapter_matches_the_whole_model(gloo_group):
+    """The FSDP units (one rank: all-gathers of a single shard) compute what the unsharded adapter
+    computes: logits of the masked pass, gradients of the masks (with and without gradient
+    checkpointing), the full model's logits and a pass without autograd."""
+    from circuitbench import load_model
+    from circuitbench.engine import MaskedModel
+
+    torch.manual_seed(0)
+    whole = load_model("random:llama-tiny")
+    sharded = shard_model(load_model("random:llama-tiny"), "cpu")
+    assert isinstance(sharded.adapter, ShardedLlamaAdapter)
+    assert type(next(sharded.hf_model.parameters())).__name__ == "DTensor"
+    g = whole.graph
+    clean = torch.randint(0, 1000, (2, 7))
+    corrupted = torch.randint(0, 1000, (2, 7))
+    positions = torch.tensor([[6], [4]])
+    mask = torch.rand(g.n_writers, g.n_readers)
+    mask[:, 3] = 0.0  # some dead readers as well
+    for checkpoint in (False, True):
+        out = []
+        for model in (whole, sharded):
+            edge = mask.clone().requires_grad_(True)
+            eng = MaskedModel(model, checkpoint=checkpoint)
+            logits = eng(clean, corrupted, edge_mask=edge, positions=positions)
+            logits.float().logsumexp(-1).sum().backward()
+            out.append((logits.detach(), edge.grad))
+        (l0, g0), (l1, g1) = out
+        assert torch.allclose(l0, l1, atol=1e-5, rtol=1e-5)
+        assert g0.abs().max() > 0 and torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)
+    ref = [MaskedModel(m).reference(clean, positions=positions) for m in (whole, sharded)]
+    assert torch.allclose(ref[0], ref[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        nograd = [MaskedModel(m)(clean, corrupted, edge_mask=mask, positions=positions) for m in (whole, sharded)]
+    assert torch.allclose(nograd[0], nograd[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="Llama-family"):
+        shard_model(load_model("random:gpt2-tiny"), "cpu")
 
 
 def test_dry_run_prints_the_codellama_estimate_without_loading():
@@ -101,3 +177,11 @@ def test_without_torchrun_is_a_clear_error():
                          env={k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert out.returncode == 2
     assert "torchrun" in out.stderr.strip().splitlines()[-1]
+
+
+def test_results_folder_flag_reaches_a_task_sweep():
+    from circuitbench.distributed import _parser, _sweep_from_args
+
+    args = _parser().parse_args(["--task", "ioi", "--model", "random:llama-tiny", "--sparsities", "0.5",
+                                 "--results", "elsewhere", "--fsdp"])
+    assert _sweep_from_args(args, "cpu").get("results") == "elsewhere"
