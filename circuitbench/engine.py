@@ -281,15 +281,15 @@ class MaskedModel(torch.nn.Module):
         d = self.adapter.d_model
         N = B * S * d
         ytil = corrupted.writers  # None: zero ablation
-        if stack is None:
-            buf = torch.empty(g.n_writers, N, device=self.device, dtype=self.dtype)  # the writer stack D
+        prune = not torch.is_grad_enabled() and getattr(a, "head_subsets", False)
+        if stack is None:  # the writer stack D (zeros without autograd: rows of dead writers stay finite)
+            buf = (torch.zeros if prune else torch.empty)(g.n_writers, N, device=self.device, dtype=self.dtype)
         elif tuple(stack.shape) != (g.n_writers, N) or stack.dtype != self.dtype:
             raise ValueError(f"stack must be {self.dtype} of shape {(g.n_writers, N)}, got "
                              f"{stack.dtype} {tuple(stack.shape)}")
         else:
             buf = stack
 
-        prune = not torch.is_grad_enabled() and getattr(a, "head_subsets", False)
         if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
             return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot)
         state = _StackGrad()
@@ -359,7 +359,9 @@ class MaskedModel(torch.nn.Module):
         """The masked pass without autograd, computing only live writers (`live_writers`): dead
         heads and MLPs are skipped, and each read point reads only the live writers' stack rows.
         Equal to the full masked pass up to float rounding. Stack rows of dead writers are left as
-        they were (every coefficient that would read them is 0)."""
+        they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
+        writer live), so they must only be finite: a new stack starts at zero, and a given one was
+        filled by an earlier pass."""
         a, g, d = self.adapter, self.graph, self.adapter.d_model
         B, S = ids.shape
         N = B * S * d
@@ -376,13 +378,14 @@ class MaskedModel(torch.nn.Module):
 
         def read(n_writers, readers, slot, token_rows=None):
             base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
+            m = mask[:n_writers, readers]
             widx = live_idx[live_idx < n_writers]
-            if len(widx) == n_writers:
-                src, m = buf[:n_writers], mask[:n_writers, readers]
-            else:
-                src, m = buf.index_select(0, widx), mask[widx][:, readers]
-            if token_rows is not None:
-                src = src.view(src.shape[0], N // d, d)[:, token_rows].reshape(src.shape[0], base.shape[1])
+            if token_rows is not None:  # a few token rows of every writer: a small gather
+                src = buf[:n_writers].view(n_writers, N // d, d)[:, token_rows].reshape(n_writers, -1)
+            elif m.shape[1] >= 4 and 2 * len(widx) < n_writers:  # many readers, few live rows: gather them
+                src, m = buf.index_select(0, widx), m[widx]
+            else:  # a dead writer's rows are read with coefficient 0 (they are finite: see the docstring)
+                src = buf[:n_writers]
             return torch.addmm(base, m.t(), src)
 
         dev = self.device
