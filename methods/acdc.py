@@ -48,7 +48,7 @@ class ACDC(CircuitMethod):
     Config = ACDCConfig
     presets = {
         "paper": {"taus": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
-        "quick": {"taus": (1e-3,), "batch_size": 32},
+        "quick": {"taus": (1e-2,), "batch_size": 32},
         "smoke": {"taus": (1e-3,), "batch_size": 8},
     }
     produces = "scores"
