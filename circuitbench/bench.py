@@ -9,7 +9,12 @@ Reported as ratios measured in one run, so they compare across machines:
   weights (gradient to the input embeddings only), the strictest baseline;
 - ``masked_with_corrupted_over_plain``: the masked step including the corrupted pass;
 - ``*_peak_mib`` and ``memory_masked_over_plain``: peak resident memory of each step above the
-  loaded model, each measured in a fresh process.
+  loaded model, each measured in a fresh process;
+- forward passes without autograd (evaluation, ACDC's trials): ``eval_masked_over_plain`` = the
+  masked pass with every edge kept (every node live) over the plain model's forward, and
+  ``eval_sparse_over_full`` = the masked pass of a sparse circuit (2% of the edges, among a quarter
+  of the nodes) over the masked pass with every edge kept: the engine skips the nodes no kept edge
+  path leads from to the logits.
 """
 from __future__ import annotations
 
@@ -22,7 +27,18 @@ import time
 
 import torch
 
-MODES = ("plain", "plain_frozen", "masked", "masked_with_corrupted")
+MODES = ("plain", "plain_frozen", "masked", "masked_with_corrupted", "eval_plain", "eval_masked", "eval_sparse")
+
+
+def sparse_circuit(graph, seed=0, node_share=0.25, edge_share=0.02) -> torch.Tensor:
+    """A seeded random circuit: ``edge_share`` of the graph's edges, all among ``node_share`` of the
+    writers (the logits reader always reads), as a float [W, R] mask."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(graph.n_writers, generator=gen) < node_share
+    chosen[0] = True
+    allowed = graph.valid & chosen[:, None]
+    p = min(1.0, edge_share * graph.n_edges / max(int(allowed.sum()), 1))
+    return ((torch.rand(graph.n_writers, graph.n_readers, generator=gen) < p) & allowed).float()
 
 
 def _setup(spec, batch, seq, seed=0):
@@ -62,6 +78,12 @@ def _step_fn(mode, model, mm, clean, corrupted):
         return step
     hf.requires_grad_(False)
     positions = torch.full((clean.shape[0],), clean.shape[1] - 1)
+    if mode.startswith("eval_"):
+        if mode == "eval_plain":
+            return torch.no_grad()(lambda: hf(clean).logits[:, -1])
+        cache = mm.corrupted_cache(corrupted)
+        mask = sparse_circuit(g) if mode == "eval_sparse" else None
+        return torch.no_grad()(lambda: mm(clean, edge_mask=mask, positions=positions, corrupted=cache))
     edge = torch.full((g.n_writers, g.n_readers), 0.9, requires_grad=True)
     node = torch.full((g.n_writers,), 0.95, requires_grad=True)
     ref = mm.reference(clean, positions=positions).log_softmax(-1)
@@ -157,6 +179,9 @@ def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repe
         "masked_over_plain": t["masked"] / t["plain"],
         "masked_over_plain_frozen": t["masked"] / t["plain_frozen"],
         "masked_with_corrupted_over_plain": t["masked_with_corrupted"] / t["plain"],
+        "eval_plain_s": t["eval_plain"], "eval_masked_s": t["eval_masked"], "eval_sparse_s": t["eval_sparse"],
+        "eval_masked_over_plain": t["eval_masked"] / t["eval_plain"],
+        "eval_sparse_over_full": t["eval_sparse"] / t["eval_masked"],
     }
     if memory:
         for mode in ("plain", "masked"):

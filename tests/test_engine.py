@@ -386,3 +386,12 @@ def test_pruned_restart_equals_full_pass(model):
         got = mm(clean, corrupted=cache, edge_mask=mask, start_slot=2 * last, stack=stack)
     want = mm(clean, corrupted=cache, edge_mask=mask)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_engine_benchmark_reports_every_ratio():
+    from circuitbench.bench import engine_benchmark
+
+    r = engine_benchmark("random:gpt2-tiny", batch=2, seq=5, threads=1, repeats=1, memory=False, progress=False)
+    for key in ("masked_over_plain", "masked_over_plain_frozen", "masked_with_corrupted_over_plain",
+                "eval_masked_over_plain", "eval_sparse_over_full"):
+        assert r[key] > 0 and r[key] == r[key]  # measured, finite
