@@ -6,14 +6,21 @@ faithfulness loss (KL(full || circuit) at the scored positions) plus a Lagrangia
 lambda1 (t - s) + lambda2 (t - s)^2 on the expected edge sparsity s (of the effective edges,
 z_edge * z_node, from P(z > 0)) and, with a node target, the same on the expected node sparsity.
 The lambdas are trained by gradient ascent, the log alphas by descent, both with Adam (no weight
-decay). The target t ramps linearly from 0 to the target over the first ``ramp_steps`` steps.
+decay) at a learning rate that warms up linearly over ``warmup_steps`` and, with ``lr_decay``, then
+falls linearly to 0 at the last step (the paper's optimiser schedule). The target t ramps linearly
+from 0 to the target over the first ``ramp_steps`` steps.
 
-One training run per requested sparsity. At the end the deterministic masks give each effective
-edge a value in [0, 1]; ``discretise="density"`` keeps as many edges as those values add up to
-(the binarised circuit's density equals the mean deterministic mask), ``"exact"`` keeps exactly the
-requested number of edges. Both keep the edges of largest deterministic value (ties: larger log
-alpha), which is the threshold cut found by binary search, made exact. The realised sparsity is
-reported in each circuit's meta and in ``MethodResult.info``.
+One training run per requested sparsity. At the end each effective edge has a deterministic mask
+hc.deterministic(la_edge) * hc.deterministic(la_node) in [0, 1] and a soft mask
+sigmoid(la_edge) * sigmoid(la_node) (`discretise_masks`). ``discretise="deterministic"`` gives the
+binarised circuit the density of the mean deterministic mask (round(sum of the masks) edges) and
+keeps the edges above the threshold on the deterministic masks that a binary search for that many
+edges finds, made exact (saturated ties by soft mask). ``"density"`` keeps as many edges as P(z > 0)
+adds up to (the measure training brought to the target) and ``"exact"`` the requested number, both
+the ones of largest soft mask. With masks that training has decided (0 or 1) the three agree; with
+masks left half-open the deterministic mass is the test-time circuit's. The realised sparsity, the
+expected one and the deterministic one are reported in ``MethodResult.info`` (realised also in each
+circuit's meta).
 
 Data parallelism: with ``data_parallel`` set (a `circuitbench.distributed.DataParallel`, as
 ``torchrun -m circuitbench.distributed`` does), every process walks the same seeded sequence of
@@ -25,8 +32,13 @@ step one process would take on the whole batch and the masks stay identical ever
 
 Presets: ``paper`` is appendix B of the paper for GPT-2 (batch 32, 3,000 steps, ramp over 2,500,
 learning rate 0.8 for masks and lambdas, node targets per task) and, for the Tracr tasks, the
-paper's Tracr settings (fixed edge and node targets whatever sparsity is requested); ``quick`` and
-``smoke`` shrink steps and batch only.
+settings of the paper's Tracr scripts (fixed edge and node targets whatever sparsity is requested,
+warm-up then linear decay; reverse on batches of 16 without a node term, as its script disables the
+node loss), discretised by the deterministic masks; ``quick`` and ``smoke`` shrink steps and batch
+only. The decay matters where the target cannot be met (reverse: 1.02): once the ramp passes the
+circuit's own sparsity the multipliers grow without bound, and at a constant learning rate a mask
+that sat saturated (no KL gradient) for thousands of steps is pushed by Adam at full step size
+through the range where the KL could hold it; decaying to 0 ends training while the KL still decides.
 """
 from __future__ import annotations
 
@@ -44,7 +56,7 @@ from circuitbench.method import (CircuitMethod, CostMeter, MethodResult, get_met
 from ._common import BatchPlan, check_sparsities, progress_bar, valid_float
 from .hard_concrete import HardConcrete
 
-DISCRETISE = ("density", "exact")
+DISCRETISE = ("density", "deterministic", "exact")
 
 
 @dataclass
@@ -55,6 +67,7 @@ class EdgePruningConfig:
     lr: float = 0.8  # log alphas
     lambda_lr: float = 0.8  # Lagrange multipliers (gradient ascent)
     warmup_steps: int = 0  # linear learning-rate warm-up of both optimisers
+    lr_decay: bool = False  # after the warm-up, decay both learning rates linearly to 0 at the last step
     edge_target: float | None = None  # train toward this edge sparsity whatever is requested (Tracr)
     node_target: float | None = None  # node sparsity target (never above the edge target); None: no node term
     fix_lambda1: bool = False  # keep the linear multipliers at 0 (the paper's xproportion run)
@@ -65,7 +78,7 @@ class EdgePruningConfig:
     left: float = -0.1
     right: float = 1.1
     eps: float = 1e-6
-    discretise: str = "density"  # or "exact": keep exactly the requested number of edges
+    discretise: str = "density"  # circuit size: "density" (P(z > 0)), "deterministic" (mean mask) or "exact"
     warm_start: object = None  # None, a [W, R] score tensor, or a registered method's name (e.g. "eap-ig")
     warm_start_scale: float = 3.0  # |log alpha| of the best and worst ranked edges after a warm start
     cache_mib: float = 2048.0  # keep prepared batches (corrupted caches) when they fit in this
@@ -79,10 +92,16 @@ _PAPER_TASKS = {
     "ioi-t1": {"node_target": 0.72, "lr": 1.0, "lambda_lr": 1.0},
     "gt": {"node_target": 0.68},
     "gp": {"node_target": 0.69},
-    "tracr-xproportion": {"edge_target": 0.92, "node_target": 0.4, "lr": 1.0, "lambda_lr": 1e-4,
-                          "steps": 720, "batch_size": 16, "ramp_steps": 640, "fix_lambda1": True},
-    "tracr-reverse": {"edge_target": 1.02, "node_target": 0.1, "lr": 0.03, "lambda_lr": 1e-3,
-                      "steps": 6000, "ramp_steps": 5900, "warmup_steps": 1500},
+    # The paper's Tracr scripts: its optimiser schedule warms up linearly and then decays linearly to 0
+    # at the last step; reverse trains on batches of 16 with the node loss disabled (--disable_node_loss,
+    # so its node target of 0.1 has no effect). The targets are fixed, not a requested size, so the
+    # circuit is what the deterministic masks keep.
+    "tracr-xproportion": {"edge_target": 0.92, "node_target": 0.4, "lr": 1.0, "lambda_lr": 1e-4, "fix_lambda1": True,
+                          "steps": 720, "batch_size": 16, "ramp_steps": 640, "warmup_steps": 96, "lr_decay": True,
+                          "discretise": "deterministic"},
+    "tracr-reverse": {"edge_target": 1.02, "node_target": None, "lr": 0.03, "lambda_lr": 1e-3,
+                      "steps": 6000, "batch_size": 16, "ramp_steps": 5900, "warmup_steps": 1500, "lr_decay": True,
+                      "discretise": "deterministic"},
 }
 
 
@@ -182,8 +201,7 @@ class EdgePruning(CircuitMethod):
             opt = torch.optim.Adam([la_edge, la_node], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
             opt_l = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      maximize=True)
-            warmup = (lambda step: min(1.0, (step + 1) / cfg.warmup_steps)) if cfg.warmup_steps > 0 else (lambda step: 1.0)
-            scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt, opt_l)]
+            scheds = [torch.optim.lr_scheduler.LambdaLR(o, _lr_factor(cfg)) for o in (opt, opt_l)]
             with torch.no_grad():
                 start = 0.0 if warm is None else float(1 - _expected_density(hc, la_edge, la_node, valid, n_edges))
 
@@ -249,14 +267,8 @@ class EdgePruning(CircuitMethod):
         bar.close()
 
         with meter.phase("discretise"), torch.no_grad():
-            # Effective soft masks; their ranking is the threshold order of the deterministic masks.
-            det = hc.deterministic(la_edge) * hc.deterministic(la_node)[:, None] * valid
-            soft = (torch.nn.functional.logsigmoid(la_edge) + torch.nn.functional.logsigmoid(la_node)[:, None])
-            if cfg.discretise == "exact":
-                k = edges_for_sparsity(g, requested)
-            else:  # as many edges as the masks are expected to keep (P(z > 0), the sparsity penalty's measure)
-                k = int(round(float(_expected_density(hc, la_edge, la_node, valid, n_edges)) * n_edges))
-            edges = _top_edges(soft, det, valid, k)
+            n_keep = edges_for_sparsity(g, requested) if cfg.discretise == "exact" else None
+            edges, det, soft = discretise_masks(hc, la_edge, la_node, valid, cfg.discretise, n_keep)
             circuit = Circuit(g, edges.cpu(), soft.exp().cpu().masked_fill(~g.valid, float("nan")),
                               meta={"method": "ep", "target_sparsity": float(target),
                                     "requested_sparsity": float(requested), "discretise": cfg.discretise})
@@ -264,6 +276,7 @@ class EdgePruning(CircuitMethod):
             info = {"train_target": float(target), "realised_sparsity": circuit.sparsity,
                     "n_edges": circuit.n_edges,
                     "expected_sparsity": float(1 - _expected_density(hc, la_edge, la_node, valid, n_edges)),
+                    "deterministic_sparsity": float(1 - det.sum() / n_edges),
                     "final_kl": log[-1]["kl"] if log else None}
         return circuit, info, log
 
@@ -305,8 +318,49 @@ def warm_log_alpha(scores: torch.Tensor, graph, target: float, scale: float) -> 
     return la.masked_fill(~valid, -scale)
 
 
+def _lr_factor(cfg):
+    """The learning-rate multiplier at each step: linear warm-up over ``warmup_steps``, then 1, or with
+    ``lr_decay`` a linear decay reaching 0 at step ``steps``."""
+    warm, total = cfg.warmup_steps, cfg.steps
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_decay:
+            return max(0.0, (total - step) / max(1, total - warm))
+        return 1.0
+
+    return factor
+
+
 def _expected_density(hc, la_edge, la_node, valid, n_edges):
     return (hc.prob_nonzero(la_edge) * hc.prob_nonzero(la_node)[:, None] * valid).sum() / n_edges
+
+
+def discretise_masks(hc, la_edge, la_node, valid, rule="deterministic", n_keep=None):
+    """Binarise trained masks: (bool [W, R] circuit, [W, R] deterministic and log soft masks of the
+    effective edges).
+
+    An effective edge's deterministic mask is ``hc.deterministic(la_edge) * hc.deterministic(la_node)``
+    of its writer, its soft mask sigmoid(la_edge) * sigmoid(la_node). ``rule``:
+
+    * ``"deterministic"``: the circuit has the density of the mean deterministic mask, rounded to whole
+      edges (round(sum of the masks) edges), and keeps the edges above the threshold on the
+      deterministic masks that a binary search for that many edges finds, made exact: masks
+      saturated at the same value are ordered by the soft mask, then by edge order.
+    * ``"density"``: as many edges as P(z > 0) of the effective edges adds up to (the expected-sparsity
+      penalty's measure), the ones of largest soft mask (ties: deterministic mask).
+    * ``"exact"``: ``n_keep`` edges, ordered as for ``"density"``."""
+    det = hc.deterministic(la_edge) * hc.deterministic(la_node)[:, None] * valid
+    soft = torch.nn.functional.logsigmoid(la_edge) + torch.nn.functional.logsigmoid(la_node)[:, None]
+    if rule == "deterministic":
+        return _top_edges(det, soft, valid, int(round(float(det.sum())))), det, soft
+    if rule == "density":
+        n_edges = int(valid.sum())
+        n_keep = int(round(float(_expected_density(hc, la_edge, la_node, valid, n_edges)) * n_edges))
+    elif rule != "exact" or n_keep is None:
+        raise ValueError(f"unknown discretisation {rule!r} (or 'exact' without n_keep)")
+    return _top_edges(soft, det, valid, n_keep), det, soft
 
 
 def _top_edges(value, tie, valid, k):

@@ -1,5 +1,6 @@
 """Edge Pruning: the hard-concrete distribution, reaching a requested sparsity, KL falling while the
-sparsity holds, exact discretisation, warm starts, determinism and the presets."""
+sparsity holds, the discretisation rule, the learning-rate schedule, warm starts, determinism and
+the presets."""
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from circuitbench import MaskedModel, load_model
 from circuitbench.circuit import edges_for_sparsity
 from circuitbench.errors import UserError
-from methods.edge_pruning import EdgePruning, warm_log_alpha
+from circuitbench.graph import Graph
+from methods.edge_pruning import EdgePruning, EdgePruningConfig, _lr_factor, discretise_masks, warm_log_alpha
 from methods.hard_concrete import HardConcrete
 from methods_support import SyntheticTask, make_examples, small_gpt2
 
@@ -82,6 +84,91 @@ def test_exact_discretisation_keeps_the_requested_edge_count(tiny):
         assert circuit.n_edges == edges_for_sparsity(model.graph, s)
 
 
+def _masks(graph, edges: dict, nodes: dict | None = None):
+    """Log alphas: the named edges at the given values, every other edge off (-10), writers on (10)."""
+    la_edge = torch.full((graph.n_writers, graph.n_readers), -10.0)
+    la_node = torch.full((graph.n_writers,), 10.0)
+    for name, value in edges.items():
+        la_edge[graph.parse_edge(name)] = value
+    for name, value in (nodes or {}).items():
+        la_node[graph.writer_index[name]] = value
+    return la_edge, la_node
+
+
+def _kept(graph, edges):
+    return {graph.edge_name(w, r) for w, r in edges.nonzero().tolist()}
+
+
+def test_discretisation_keeps_the_mean_deterministic_mask():
+    """``deterministic``: round(sum of deterministic masks) edges, the largest ones, where an effective
+    edge's mask is deterministic(la_edge) * deterministic(la_node) of its writer; ``density`` counts
+    P(z > 0) instead."""
+    g, hc = Graph(2, 1), HardConcrete()
+    valid = g.valid.float()
+    on = ["input->a0.h0<v>", "a0.h0->m0", "m0->logits"]
+    # deterministic masks 1.2 sigmoid(x) - 0.1: 0.589, 0.530, 0.470, 0.411, adding up to 2
+    graded = {"input->m0": 0.3, "input->a1.h0<q>": 0.1, "input->a1.h0<k>": -0.1, "input->m1": -0.3}
+    la_edge, la_node = _masks(g, {**{e: 10.0 for e in on}, **graded})
+    det = hc.deterministic(la_edge) * hc.deterministic(la_node)[:, None] * valid
+    assert float(det.sum()) == pytest.approx(5.0, abs=1e-4)
+    edges, det_out, soft = discretise_masks(hc, la_edge, la_node, valid, "deterministic")
+    assert _kept(g, edges) == set(on) | {"input->m0", "input->a1.h0<q>"}
+    logsig = torch.nn.functional.logsigmoid
+    assert torch.equal(det_out, det) and torch.allclose(soft, logsig(la_edge) + logsig(la_node)[:, None])
+    # P(z > 0) of the graded masks is 0.87, 0.85, 0.82, 0.79: the density rule keeps 3 + 3
+    edges, _, _ = discretise_masks(hc, la_edge, la_node, valid, "density")
+    assert _kept(g, edges) == set(on) | {"input->m0", "input->a1.h0<q>", "input->a1.h0<k>"}
+    edges, _, _ = discretise_masks(hc, la_edge, la_node, valid, "exact", n_keep=4)
+    assert _kept(g, edges) == set(on) | {"input->m0"}
+    # a pruned writer removes its edges from both the count and the circuit
+    la_node[g.writer_index["m0"]] = -10.0
+    edges, _, _ = discretise_masks(hc, la_edge, la_node, valid, "deterministic")
+    assert _kept(g, edges) == {"input->a0.h0<v>", "a0.h0->m0", "input->m0", "input->a1.h0<q>"}
+    with pytest.raises(ValueError):
+        discretise_masks(hc, la_edge, la_node, valid, "exact")
+
+
+def test_discretisation_ranks_by_deterministic_mask():
+    """The deterministic rule's cut is a threshold on the deterministic masks, not on the soft ones: a
+    saturated edge of a half-open writer (deterministic 1 x 0.5, soft 0.990 x 0.5) ranks below an edge
+    that is 0.7 open on a 0.7-open writer (deterministic 0.74 x 0.74 = 0.548, soft 0.49). The density
+    and exact rules order by soft mask."""
+    g, hc = Graph(2, 1), HardConcrete()
+    x = math.log(0.7 / 0.3)
+    on = ["input->logits", "input->m1", "input->a1.h0<v>"]
+    la_edge, la_node = _masks(g, {**{e: 10.0 for e in on}, "a0.h0->m1": 4.6, "m0->m1": x},
+                              {"a0.h0": 0.0, "m0": x})
+    soft = torch.sigmoid(la_edge) * torch.sigmoid(la_node)[:, None]
+    assert soft[g.parse_edge("a0.h0->m1")] > soft[g.parse_edge("m0->m1")]
+    valid = g.valid.float()
+    edges, _, _ = discretise_masks(hc, la_edge, la_node, valid, "deterministic")  # masks add to 3 + 0.5 + 0.548
+    assert _kept(g, edges) == set(on) | {"m0->m1"}
+    edges, _, _ = discretise_masks(hc, la_edge, la_node, valid, "exact", n_keep=4)
+    assert _kept(g, edges) == set(on) | {"a0.h0->m1"}
+
+
+def test_discretisation_rules_in_discover(tiny):
+    """Masks left at log alpha 0 (deterministic 0.5 on edges and writers, P(z > 0) = 0.83): the
+    deterministic rule keeps a quarter of the edges, the density rule 0.83^2 = 69%."""
+    model, eng = tiny
+    n = model.graph.n_edges
+    kw = dict(steps=1, ramp_steps=0, init_log_alpha=0.0, lr=1e-9, lambda_lr=1e-9)
+    for rule, share in (("deterministic", 0.25), ("density", 0.832 ** 2)):
+        res = EdgePruning(discretise=rule, **kw).discover(eng, SyntheticTask(), make_examples(4), None, [0.5],
+                                                          progress=False)
+        assert abs(res.circuits[0.5].n_edges - share * n) <= 0.01 * n + 1, rule
+
+
+def test_learning_rate_schedule():
+    warm_decay = _lr_factor(EdgePruningConfig(steps=10, warmup_steps=4, lr_decay=True))
+    assert [warm_decay(s) for s in range(10)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6,
+                                                                 2 / 6, 1 / 6])
+    warm = _lr_factor(EdgePruningConfig(steps=10, warmup_steps=4))
+    assert [warm(s) for s in range(10)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
+    assert [_lr_factor(EdgePruningConfig(steps=4, lr_decay=True))(s) for s in range(4)] == pytest.approx(
+        [1.0, 0.75, 0.5, 0.25])
+
+
 def test_same_seed_same_circuit(tiny):
     _, eng = tiny
     task, train = SyntheticTask(), make_examples(8)
@@ -134,12 +221,16 @@ def test_presets_follow_the_paper():
     assert paper.config_for(Named("gt")).node_target == 0.68
     assert paper.config_for(Named("gp")).node_target == 0.69
     assert paper.config_for(Named("ioi-t1")).lr == 1.0
+    assert (cfg.warmup_steps, cfg.lr_decay, cfg.discretise) == (0, False, "density")
+    # the Tracr runs follow the paper's scripts: linear warm-up then linear decay to 0 (its optimiser
+    # schedule); reverse on batches of 16 without a node term (the script disables the node loss)
     x = paper.config_for(Named("tracr-xproportion"))
-    assert (x.edge_target, x.node_target, x.lr, x.lambda_lr, x.steps, x.batch_size, x.ramp_steps, x.fix_lambda1) == (
-        0.92, 0.4, 1.0, 1e-4, 720, 16, 640, True)
+    assert (x.edge_target, x.node_target, x.lr, x.lambda_lr, x.steps, x.batch_size, x.ramp_steps, x.warmup_steps,
+            x.lr_decay, x.fix_lambda1) == (0.92, 0.4, 1.0, 1e-4, 720, 16, 640, 96, True, True)
     r = paper.config_for(Named("tracr-reverse"))
-    assert (r.edge_target, r.node_target, r.lr, r.lambda_lr, r.steps, r.ramp_steps, r.warmup_steps) == (
-        1.02, 0.1, 0.03, 1e-3, 6000, 5900, 1500)
+    assert (r.edge_target, r.node_target, r.lr, r.lambda_lr, r.steps, r.batch_size, r.ramp_steps, r.warmup_steps,
+            r.lr_decay) == (1.02, None, 0.03, 1e-3, 6000, 16, 5900, 1500, True)
+    assert x.discretise == r.discretise == "deterministic"  # fixed targets: the circuit the masks keep
     # explicit overrides win over the preset's per-task entries
     assert EdgePruning(preset="paper", node_target=0.5).config_for(Named("ioi")).node_target == 0.5
     # quick and smoke change budgets only
