@@ -357,8 +357,9 @@ class MaskedModel(torch.nn.Module):
 
     def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot):
         """The masked pass without autograd, computing only live writers (`live_writers`): dead
-        heads and MLPs are skipped, and each read point reads only the live writers' stack rows.
-        Equal to the full masked pass up to float rounding. Stack rows of dead writers are left as
+        heads and MLPs and their readers are skipped; a read point over many readers and few live
+        writers gathers the live rows, the others read the stack in place. Equal to the full
+        masked pass up to float rounding. Stack rows of dead writers are left as
         they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
         writer live), so they must only be finite: a new stack starts at zero, and a given one was
         filled by an earlier pass."""
