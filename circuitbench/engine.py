@@ -17,6 +17,10 @@ The writer stack is one preallocated buffer written once per writer; `_ReadMix` 
 it without copying, and its gradient is accumulated in place in one buffer (`_StackGrad`), so a
 read point costs one GEMM forward and two backward, with no growing concatenations and no
 per-read gradient tensors.
+
+Without autograd (evaluation, ACDC's trials) the pass runs only the heads and MLPs that a chain of
+kept edges connects to the logits (`MaskedModel.live_writers`): a sparse circuit costs a fraction
+of the full pass, exactly.
 """
 from __future__ import annotations
 
