@@ -340,7 +340,10 @@ class MaskedModel(torch.nn.Module):
         leaving it out of a forward pass changes nothing.
         """
         g = self.graph
-        nz = (mask != 0) & g.valid.to(mask.device)
+        valid = g.valid.to(mask.device)
+        nz = (mask != 0) & valid
+        if bool((nz == valid).all()):  # every edge kept: every writer reaches the logits
+            return torch.ones(g.n_writers, dtype=torch.bool, device=mask.device)
         need = torch.zeros(g.n_readers, dtype=torch.bool, device=mask.device)
         need[g.logits_reader] = True
         alive = torch.zeros(g.n_writers, dtype=torch.bool, device=mask.device)
@@ -375,8 +378,14 @@ class MaskedModel(torch.nn.Module):
         live_idx = live.nonzero().flatten()
         live_list = live.tolist()
 
-        def push(index, out):  # index: LongTensor of writer rows, out [n, B, S, d]
+        def push(index, out):  # index: a slice or a LongTensor of writer rows; out [n, B, S, d]
             flat = out.reshape(out.shape[0], N)
+            if isinstance(index, slice):  # contiguous rows: written in place, no temporaries
+                if ytil is None:
+                    buf[index] = flat
+                else:
+                    torch.sub(flat, ytil[index], out=buf[index])
+                return
             if ytil is not None:
                 flat = flat - ytil.index_select(0, index)
             buf.index_copy_(0, index, flat)
@@ -395,7 +404,7 @@ class MaskedModel(torch.nn.Module):
 
         dev = self.device
         if start_slot == 0:
-            push(torch.zeros(1, dtype=torch.long, device=dev), a.embed(ids).to(self.dtype)[None])
+            push(slice(0, 1), a.embed(ids).to(self.dtype)[None])
         H, G = g.n_heads, g.kv_heads
         for l in range(start_slot // 2, self._L):
             hs, ar = g.head_writers(l), g.attn_readers(l)
@@ -404,7 +413,7 @@ class MaskedModel(torch.nn.Module):
                 if len(heads) == H:
                     x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, B, S, d)
                     out = a.attention(l, x, ctx, per_head=True)
-                    index = torch.arange(hs.start, hs.stop, device=dev)
+                    index = hs
                 else:
                     sub = torch.tensor(heads, device=dev)
                     groups, _ = a.kv_groups(sub)
@@ -417,7 +426,7 @@ class MaskedModel(torch.nn.Module):
             if live_list[mw]:
                 mr = g.mlp_reader(l)
                 x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
-                push(torch.tensor([mw], device=dev), a.mlp(l, x)[None])
+                push(slice(mw, mw + 1), a.mlp(l, x)[None])
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
         return a.unembed(final.view(B, P, d))
