@@ -393,10 +393,10 @@ class MaskedModel(torch.nn.Module):
         def read(n_writers, readers, slot, token_rows=None):
             base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
             m = mask[:n_writers, readers]
-            widx = live_idx[live_idx < n_writers]
+            widx = live_idx[live_idx < n_writers] if token_rows is None and m.shape[1] >= 4 else None
             if token_rows is not None:  # a few token rows of every writer: a small gather
                 src = buf[:n_writers].view(n_writers, N // d, d)[:, token_rows].reshape(n_writers, -1)
-            elif m.shape[1] >= 4 and 2 * len(widx) < n_writers:  # many readers, few live rows: gather them
+            elif widx is not None and 2 * len(widx) < n_writers:  # many readers, few live rows: gather them
                 src, m = buf.index_select(0, widx), m[widx]
             else:  # a dead writer's rows are read with coefficient 0 (they are finite: see the docstring)
                 src = buf[:n_writers]
