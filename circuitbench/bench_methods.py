@@ -115,7 +115,7 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
     """Per read slot: the median ratio of one ACDC trial restarting there to a plain forward timed
     right before it; and the number of edges entering the readers of each slot."""
     from methods._common import BatchPlan
-    from methods.acdc import _mean_loss, _reader_order
+    from methods.acdc import Trials, _reader_order
 
     from .method import CostMeter
 
@@ -123,17 +123,21 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
     meter = CostMeter(mm.device)
     plan = BatchPlan(mm, task, examples, len(examples), meter, cache_mib=float("inf"), stack=True)
     full = g.full_mask(mm.dtype).to(mm.device)
-    _mean_loss(mm, task, plan, full, 0, meter)  # fills the full model's writer stack
+    trials = Trials(mm, task, plan, meter)
     visible = g.valid.sum(0)
     ratios, weights = {}, {}
     with torch.no_grad():
+        trials.full(full)  # fills the full model's writer stack
         for reader, slot in _reader_order(g):
             weights[slot] = weights.get(slot, 0) + int(visible[reader])
             if slot in ratios:
                 continue
             mask = full.clone()
             mask[0, reader] = 0.0  # remove one edge into a reader of this slot
-            trial = lambda: _mean_loss(mm, task, plan, mask, slot, meter)  # noqa: E731
+
+            def trial():  # a rejected trial: the search goes on from the full model
+                trials.loss(mask, reader, slot)
+                trials.settle(False)
             trial()
             ratios[slot] = statistics.median(_once(trial) / _once(plain_forward) for _ in range(repeats))
             if progress:

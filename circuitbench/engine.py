@@ -42,10 +42,11 @@ class _StackGrad:
     to sum), and the read point right after a writer hands that writer its finished rows.
     """
 
-    __slots__ = ("grad",)
+    __slots__ = ("grad", "suffix")
 
     def __init__(self):
         self.grad = None
+        self.suffix = None  # uniform masks (`_UniformRead`): one row, the same for every writer
 
 
 class _ReadMix(torch.autograd.Function):
@@ -89,6 +90,46 @@ class _ReadMix(torch.autograd.Function):
                 st.grad[:W].addmm_(mask, grad)
             glatest = st.grad[W - ctx.n_latest:W].view(ctx.latest_shape)
         return gmask, None, None, None, None, None, glatest
+
+
+class _UniformRead(torch.autograd.Function):
+    """`_ReadMix` when every kept coefficient is the same number ``c`` (the full model; EAP and
+    EAP-IG's masks ``alpha * 1``): every reader of the read point sees ``base + c * running``, where
+    ``running`` is the sum of the stack's first W rows, kept up to date as writers are pushed. The
+    read costs one row instead of a [R, W] x [W, N] product, and backward hands every writer the same
+    gradient row, ``c`` times the sum of the gradients of every reader after it (``state.suffix``),
+    instead of accumulating a [W, N] stack gradient. The mask gradient (``buf[:W] @ grad.T``, EAP's
+    scores) is the one product left.
+    """
+
+    @staticmethod
+    def forward(ctx, mask, base, buf, rows, d, state, latest, running, c):
+        W, R = mask.shape
+        run = running if rows is None else running.view(-1, d)[rows].reshape(-1)
+        out = torch.add(base.reshape(-1), run, alpha=c).expand(R, -1).contiguous()
+        ctx.buf, ctx.rows, ctx.d, ctx.state, ctx.c, ctx.W = buf, rows, d, state, c, W
+        ctx.full = buf.shape[1]
+        ctx.latest_shape = None if latest is None else latest.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        W, st, d = ctx.W, ctx.state, ctx.d
+        src = ctx.buf[:W] if ctx.rows is None else ctx.buf[:W].view(W, -1, d)[:, ctx.rows].reshape(W, -1)
+        gmask = src @ grad.t() if need[0] else None
+        glatest = None
+        if need[6]:
+            g = grad.sum(0) * ctx.c
+            if st.suffix is None:
+                st.suffix = g.new_zeros(ctx.full)
+            if ctx.rows is not None:  # only the scored tokens were read
+                st.suffix = st.suffix.view(-1, d).index_add(0, ctx.rows, g.view(-1, d)).view(-1)
+            else:  # a new tensor: the rows handed out below must not change later
+                st.suffix = st.suffix + g
+            n = ctx.latest_shape[0]
+            glatest = st.suffix.expand(n, -1).view(ctx.latest_shape)
+        return gmask, None, None, None, None, None, glatest, None, None
 
 
 @dataclass
@@ -250,7 +291,7 @@ class MaskedModel(torch.nn.Module):
     # ---- the masked pass -----------------------------------------------------------------------------
     def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
                 node_mask=None, positions=None, ablation="interchange", corrupted=None,
-                start_slot=0, stack=None):
+                start_slot=0, stack=None, fresh_heads=None):
         """The masked pass; see the class docstring.
 
         Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
@@ -266,6 +307,12 @@ class MaskedModel(torch.nn.Module):
         supports head subsets; their stack rows are the only ones written, so a restarted pass must
         not read a writer before ``start_slot`` that was dead in the pass that filled ``stack``
         (ACDC fills it with the full model, where every writer is live).
+
+        ``fresh_heads`` (a restart at an attention slot 2l without autograd only; a sequence of
+        head indices of layer l): compute only these heads of layer l and take the other heads'
+        rows of ``stack`` as given. The caller vouches that those rows hold what this mask makes
+        them (ACDC: a trial changes one reader's edges, so only the heads that reader feeds, and
+        heads a rejected trial left with the trial's rows, need computing).
         """
         a, g = self.adapter, self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
@@ -274,6 +321,8 @@ class MaskedModel(torch.nn.Module):
             raise ValueError(f"start_slot must lie in [0, {2 * self._L}], got {start_slot}")
         if start_slot and stack is None:
             raise ValueError("a pass that starts after the embeddings needs the writer stack (stack=)")
+        if fresh_heads is not None and (stack is None or start_slot % 2 or start_slot == 2 * self._L):
+            raise ValueError("fresh_heads needs a restart at an attention slot (even start_slot < 2L) and stack=")
         if corrupted is None:
             corrupted = self.corrupted_cache(corrupted_ids, attention_mask, ablation, shape=(B, S))
         elif corrupted.shape != (B, S):
@@ -295,8 +344,14 @@ class MaskedModel(torch.nn.Module):
             buf = stack
 
         if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
-            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot)
+            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads)
+        if fresh_heads is not None:
+            raise ValueError("fresh_heads needs a pass without autograd on an adapter with head_subsets")
         state = _StackGrad()
+        recompute = self.checkpoint and torch.is_grad_enabled()
+        # one coefficient on every edge (the full model, EAP): reads are one running sum
+        c = None if recompute or start_slot else self._uniform_value(mask)
+        running = None if c is None else torch.zeros(N, device=self.device, dtype=self.dtype)
 
         def push(start, out):  # out: [n, ...] writer outputs; the stack stores D = out - y~
             rows_ = slice(start, start + out.shape[0])
@@ -305,10 +360,14 @@ class MaskedModel(torch.nn.Module):
                 buf[rows_] = flat
             else:
                 torch.sub(flat, ytil[rows_], out=buf[rows_])
+            if running is not None:
+                running.add_(buf[rows_].sum(0))
             return out
 
         def read(n_writers, readers, slot, latest, rows=None):
             base = corrupted.resid_at(slot, rows, d)
+            if c is not None:
+                return _UniformRead.apply(mask[:n_writers, readers], base, buf, rows, d, state, latest, running, c)
             return _ReadMix.apply(mask[:n_writers, readers], base, buf, rows, d, state, latest)
 
         # `latest`: the writer output just before each read point (None: a given, constant prefix)
@@ -321,7 +380,6 @@ class MaskedModel(torch.nn.Module):
             x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1, latest).view(B, S, d)
             return push(g.mlp_writer(l), a.mlp(l, x)[None])
 
-        recompute = self.checkpoint and torch.is_grad_enabled()
         for l in range(start_slot // 2, self._L):
             if recompute:  # re-running a layer rewrites its own stack rows with the same values
                 latest = torch.utils.checkpoint.checkpoint(layer, l, latest, mask, use_reentrant=False)
@@ -362,14 +420,14 @@ class MaskedModel(torch.nn.Module):
         alive[0] = (nz[0] & need).any()
         return alive
 
-    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot):
+    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None):
         """The masked pass without autograd, computing only live writers (`live_writers`): dead
         heads and MLPs and their readers are skipped; a read point over many readers and few live
         writers gathers the live rows, the others read the stack in place. Equal to the full
         masked pass up to float rounding. Stack rows of dead writers are left as
         they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
         writer live), so they must only be finite: a new stack starts at zero, and a given one was
-        filled by an earlier pass."""
+        filled by an earlier pass. ``fresh_heads``: see `forward`."""
         a, g, d = self.adapter, self.graph, self.adapter.d_model
         B, S = ids.shape
         N = B * S * d
@@ -409,6 +467,9 @@ class MaskedModel(torch.nn.Module):
         for l in range(start_slot // 2, self._L):
             hs, ar = g.head_writers(l), g.attn_readers(l)
             heads = [h for h in range(H) if live_list[hs.start + h]]
+            if fresh_heads is not None and 2 * l == start_slot:  # the other heads' rows are given
+                fresh = set(int(h) for h in fresh_heads)
+                heads = [h for h in heads if h in fresh]
             if start_slot <= 2 * l and heads:
                 if len(heads) == H:
                     x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, B, S, d)
@@ -430,6 +491,15 @@ class MaskedModel(torch.nn.Module):
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
         return a.unembed(final.view(B, P, d))
+
+    def _uniform_value(self, mask) -> float | None:
+        """The one value every edge of the graph has in ``mask``, or None when they differ."""
+        with torch.no_grad():
+            vals = mask.detach()[self.graph.valid.to(mask.device)]
+            first = vals[:1]
+            if not len(first) or not bool((vals == first).all()):
+                return None
+            return float(first)
 
     def _effective_mask(self, edge_mask, node_mask):
         g = self.graph

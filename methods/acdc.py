@@ -11,7 +11,8 @@ the edge stays removed when the loss rises by less than tau.
 A trial changes only one reader's inputs, so the forward pass restarts at that reader's read slot
 from the writer stack of the full model (every reader before it is still intact: readers are
 visited from the last to the first), which is kept per batch; see `MaskedModel.forward`'s
-``start_slot``/``stack``.
+``start_slot``/``stack``. At an attention slot only the heads whose inputs changed are recomputed
+(`Trials`, ``fresh_heads``).
 
 A sweep over ``taus`` gives one circuit per tau (keyed by its realised sparsity in
 ``MethodResult.circuits``; each circuit's ``scores`` hold the loss increase measured for each
@@ -94,16 +95,57 @@ def ranking(increase: torch.Tensor) -> torch.Tensor:
     return out.view_as(increase)
 
 
-def _mean_loss(engine, task, plan, mask, slot, meter) -> float:
+def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None) -> float:
     total = 0.0
     for prepared in plan.epoch():
         b = prepared.batch
         logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
                         ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
-                        stack=prepared.stack)
+                        stack=prepared.stack, fresh_heads=fresh_heads)
         total += float(task.loss(logits, prepared.reference, b).double().sum())
         meter.forward()
     return total / plan.n_examples
+
+
+class Trials:
+    """The loss of each trial of one search, restarting the pass at the trial reader's slot.
+
+    A trial at an attention slot recomputes only the heads whose rows may differ from what the
+    current circuit makes them: the heads the trial reader feeds, and the heads a rejected trial
+    just before it (at the same slot) left with that trial's rows. The other heads of the layer
+    keep their rows: their readers' edges did not change since their rows were last written. This
+    needs the batches' writer stacks kept between trials (``plan.keep_corrupted``) and an adapter
+    that computes head subsets; otherwise every live head of the layer is recomputed.
+    """
+
+    def __init__(self, engine, task, plan, meter, head_subsets=True):
+        self.engine, self.task, self.plan, self.meter = engine, task, plan, meter
+        g = engine.graph
+        self._attn_slots = {2 * l for l in range(g.n_layers)}
+        self.subsets = head_subsets and plan.keep_corrupted and getattr(engine.adapter, "head_subsets", False)
+        self._slot, self._stale, self._trial = None, set(), set()
+
+    def full(self, mask) -> float:
+        """The loss of ``mask`` from a pass over every slot (it rewrites every live row)."""
+        self._slot, self._stale, self._trial = None, set(), set()
+        return _mean_loss(self.engine, self.task, self.plan, mask, 0, self.meter)
+
+    def loss(self, mask, reader, slot) -> float:
+        """The loss of ``mask``, which differs from the current circuit in ``reader``'s edges only."""
+        fresh = None
+        if self.subsets and slot in self._attn_slots:
+            if slot != self._slot:  # rows of this layer were last written by a pass over every head
+                self._slot, self._stale = slot, set()
+            first = self.engine.graph.head_writers(slot // 2).start
+            self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
+            fresh = sorted(self._trial | self._stale)
+        else:
+            self._slot, self._stale, self._trial = None, set(), set()
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh)
+
+    def settle(self, accepted: bool):
+        """After a trial: ``accepted`` when its mask becomes the current circuit."""
+        self._stale = set() if accepted else self._trial
 
 
 def _reader_order(g):
@@ -134,9 +176,10 @@ def _reader_nodes(g, reader) -> list[int]:
 
 
 @torch.no_grad()
-def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc"):
+def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_subsets=True):
     """One ACDC search at threshold ``tau``. Returns (edges bool [W, R], loss increase per tried
-    edge [W, R] with NaN elsewhere, final mean loss, number of trials)."""
+    edge [W, R] with NaN elsewhere, final mean loss, number of trials). ``head_subsets=False``
+    recomputes every live head of a trial's layer (the same search, slower; see `Trials`)."""
     g = engine.graph
     dev = engine.device
     valid = g.valid.to(dev)
@@ -145,8 +188,9 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc"):
     reader_on = torch.zeros(g.n_readers, dtype=torch.bool, device=dev)
     reader_on[g.logits_reader] = True
     visible = valid.sum(0).tolist()
+    trial = Trials(engine, task, plan, meter, head_subsets)
     # the full model's pass refreshes every batch's writer stack and gives the starting loss
-    current = _mean_loss(engine, task, plan, mask, 0, meter)
+    current = trial.full(mask)
     trials = 0
     bar = progress_bar(g.n_edges, desc, progress)
     for reader, slot in _reader_order(g):
@@ -159,13 +203,15 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc"):
         reader_on[reader] = True
         for w in reversed(range(visible[reader])):
             mask[w, reader] = 0.0
-            loss = _mean_loss(engine, task, plan, mask, slot, meter)
+            loss = trial.loss(mask, reader, slot)
             trials += 1
             increase[w, reader] = loss - current
-            if loss - current < tau:
+            accepted = loss - current < tau
+            if accepted:
                 current = loss
             else:
                 mask[w, reader] = 1.0
+            trial.settle(accepted)
             bar.update(1)
         bar.set_postfix(kl=f"{current:.3g}", kept=int(mask.sum()), refresh=False)
     bar.close()

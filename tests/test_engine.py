@@ -300,6 +300,31 @@ def test_bf16_mask_gradients_within_tolerance(model):
         assert rel <= BF16_TOLERANCE, rel.item()
 
 
+@pytest.mark.parametrize("ablation", ["interchange", "zero"])
+@pytest.mark.parametrize("value", [1.0, 0.4])
+def test_uniform_masks_read_running_sums_exactly(model, ablation, value, monkeypatch):
+    """One coefficient on every edge (the full model, EAP-IG's alpha * 1): reads are a running sum
+    and the stack gradient one row (`_UniformRead`); logits and both mask gradients equal those of
+    the general read (forced here by hiding the uniform value)."""
+    clean, corrupted = _batch(5)
+    mm, g = MaskedModel(model), model.graph
+    pos = torch.tensor([6, 2, 5])
+    assert mm._uniform_value(g.valid.float() * value) == pytest.approx(value)
+    assert mm._uniform_value(torch.rand(g.n_writers, g.n_readers)) is None
+    results = []
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(mm, "_uniform_value", lambda mask: None)
+        edge = torch.full((g.n_writers, g.n_readers), value, requires_grad=True)
+        node = torch.ones(g.n_writers, requires_grad=True)
+        logits = mm(clean, corrupted, edge_mask=edge, node_mask=node, positions=pos, ablation=ablation)
+        (logits.log_softmax(-1)[..., 0].sum() + logits.pow(2).mean()).backward()
+        results.append((logits.detach(), edge.grad[g.valid], node.grad))
+    for fast, slow in zip(*results):
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5), (fast - slow).abs().max().item()
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+
+
 # ---- the pruned pass (no autograd: evaluation, ACDC's trials) -------------------------------------
 def _sparse_mask(g, density, seed):
     gen = torch.Generator().manual_seed(seed)
