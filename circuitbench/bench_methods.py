@@ -13,7 +13,8 @@ the paired ratios, so load from other processes largely cancels:
 - ``acdc_trial_over_plain_forward``: one ACDC trial (remove one edge, restart the pass at its
   reader, KL on the batch) over one plain forward of the same examples; the per-slot times are
   weighted by how many edges enter the readers of each slot, i.e. averaged over the trials of a run
-  in which every reader stays connected;
+  in which every reader stays connected; what a slot's trials share (computed by its first trial)
+  is charged to them in equal parts;
 - ``eap_over_plain``: EAP on the batch (corrupted pass, masked forward, backward to the masks) over
   one plain forward+backward.
 
@@ -112,8 +113,11 @@ def _eap_fn(mm, task, examples):
 
 
 def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
-    """Per read slot: the median ratio of one ACDC trial restarting there to a plain forward timed
-    right before it; and the number of edges entering the readers of each slot."""
+    """Per read slot: the ratio of one ACDC trial restarting there to a plain forward timed right
+    before it, and the number of edges entering the readers of each slot. The first trial at a
+    slot also computes what the slot's trials share (`methods.acdc.Trials`): its extra time is
+    spread over the slot's trials, one per edge. Later trials are timed as rejected ones (the
+    search's stack is the full model's again after each), median of ``repeats``."""
     from methods._common import BatchPlan
     from methods.acdc import Trials, _reader_order
 
@@ -125,12 +129,12 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
     full = g.full_mask(mm.dtype).to(mm.device)
     trials = Trials(mm, task, plan, meter)
     visible = g.valid.sum(0)
-    ratios, weights = {}, {}
+    first, steady, weights = {}, {}, {}
     with torch.no_grad():
         trials.full(full)  # fills the full model's writer stack
         for reader, slot in _reader_order(g):
             weights[slot] = weights.get(slot, 0) + int(visible[reader])
-            if slot in ratios:
+            if slot in steady:
                 continue
             mask = full.clone()
             mask[0, reader] = 0.0  # remove one edge into a reader of this slot
@@ -138,10 +142,14 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
             def trial():  # a rejected trial: the search goes on from the full model
                 trials.loss(mask, reader, slot)
                 trials.settle(False)
-            trial()
-            ratios[slot] = statistics.median(_once(trial) / _once(plain_forward) for _ in range(repeats))
-            if progress:
-                print(f"  acdc trial at slot {slot:<3}     {ratios[slot]:6.3f} x plain forward", file=sys.stderr)
+            base = _once(plain_forward)
+            first[slot] = _once(trial) / base
+            steady[slot] = statistics.median(_once(trial) / _once(plain_forward) for _ in range(repeats))
+    ratios = {s: steady[s] + max(first[s] - steady[s], 0.0) / weights[s] for s in steady}
+    if progress:
+        for s, r in ratios.items():
+            print(f"  acdc trial at slot {s:<3}     {r:6.3f} x plain forward (first at the slot {first[s]:.3f})",
+                  file=sys.stderr)
     return ratios, weights
 
 

@@ -291,7 +291,7 @@ class MaskedModel(torch.nn.Module):
     # ---- the masked pass -----------------------------------------------------------------------------
     def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
                 node_mask=None, positions=None, ablation="interchange", corrupted=None,
-                start_slot=0, stack=None, fresh_heads=None):
+                start_slot=0, stack=None, fresh_heads=None, prefix=None):
         """The masked pass; see the class docstring.
 
         Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
@@ -313,6 +313,13 @@ class MaskedModel(torch.nn.Module):
         rows of ``stack`` as given. The caller vouches that those rows hold what this mask makes
         them (ACDC: a trial changes one reader's edges, so only the heads that reader feeds, and
         heads a rejected trial left with the trial's rows, need computing).
+
+        ``prefix`` (restarts without autograd only; a dict the caller keeps): a series of passes
+        that restart at the same slot from the same stack and differ only in the edges into readers
+        of that slot (ACDC's trials at one slot) share each later read's contribution from the
+        writers before the slot. The first pass of the series stores it in ``prefix``, [readers,
+        tokens * d] per later read point, and the others read only the rows from the slot on. Start a
+        new dict whenever the slot, the stack's earlier rows or a later reader's edges change.
         """
         a, g = self.adapter, self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
@@ -344,9 +351,9 @@ class MaskedModel(torch.nn.Module):
             buf = stack
 
         if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
-            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads)
-        if fresh_heads is not None:
-            raise ValueError("fresh_heads needs a pass without autograd on an adapter with head_subsets")
+            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads, prefix)
+        if fresh_heads is not None or prefix is not None:
+            raise ValueError("fresh_heads and prefix need a pass without autograd on an adapter with head_subsets")
         state = _StackGrad()
         recompute = self.checkpoint and torch.is_grad_enabled()
         # one coefficient on every edge (the full model, EAP): reads are one running sum
@@ -420,21 +427,19 @@ class MaskedModel(torch.nn.Module):
         alive[0] = (nz[0] & need).any()
         return alive
 
-    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None):
+    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None, prefix=None):
         """The masked pass without autograd, computing only live writers (`live_writers`): dead
-        heads and MLPs and their readers are skipped; a read point over many readers and few live
-        writers gathers the live rows, the others read the stack in place. Equal to the full
+        heads and MLPs and their readers are skipped; a read point gathers the rows of the writers
+        with a non-zero coefficient when they are few, and otherwise reads the stack in place. Equal to the full
         masked pass up to float rounding. Stack rows of dead writers are left as
         they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
         writer live), so they must only be finite: a new stack starts at zero, and a given one was
-        filled by an earlier pass. ``fresh_heads``: see `forward`."""
+        filled by an earlier pass. ``fresh_heads``, ``prefix``: see `forward`."""
         a, g, d = self.adapter, self.graph, self.adapter.d_model
         B, S = ids.shape
         N = B * S * d
         ytil = corrupted.writers
-        live = self.live_writers(mask)
-        live_idx = live.nonzero().flatten()
-        live_list = live.tolist()
+        live_list = self.live_writers(mask).tolist()
 
         def push(index, out):  # index: a slice or a LongTensor of writer rows; out [n, B, S, d]
             flat = out.reshape(out.shape[0], N)
@@ -448,17 +453,35 @@ class MaskedModel(torch.nn.Module):
                 flat = flat - ytil.index_select(0, index)
             buf.index_copy_(0, index, flat)
 
+        def mix(base, m, lo, hi, token_rows):  # base + m.T @ (stack rows lo..hi), m: [hi - lo, R]
+            # only writers with a non-zero coefficient contribute (all of them live, so finite rows)
+            used = (m != 0).any(1).nonzero().flatten()
+            k = len(used)
+            if token_rows is not None:  # a few token rows of the writers read: a small gather
+                src = buf[lo:hi].view(hi - lo, N // d, d)[used[:, None], token_rows[None, :]]
+                src, m = src.reshape(k, len(token_rows) * d), m[used]
+            elif (2 if m.shape[1] >= 4 else 3) * k <= hi - lo:  # few rows read: gather them
+                src, m = buf.index_select(0, used + lo), m[used]
+            else:  # every row: the others are read with coefficient 0 (finite: see the docstring)
+                src = buf[lo:hi]
+            return torch.addmm(base, m.t(), src)
+
+        # writers before the restart slot: their part of every later read is the same in every pass
+        # of the caller's series (`forward`'s ``prefix``), so it is computed once
+        first = 0 if not start_slot else (g.writers_before_attn(start_slot // 2) if start_slot % 2 == 0
+                                          else g.writers_before_mlp(start_slot // 2))
+
         def read(n_writers, readers, slot, token_rows=None):
             base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
             m = mask[:n_writers, readers]
-            widx = live_idx[live_idx < n_writers] if token_rows is None and m.shape[1] >= 4 else None
-            if token_rows is not None:  # a few token rows of every writer: a small gather
-                src = buf[:n_writers].view(n_writers, N // d, d)[:, token_rows].reshape(n_writers, -1)
-            elif widx is not None and 2 * len(widx) < n_writers:  # many readers, few live rows: gather them
-                src, m = buf.index_select(0, widx), m[widx]
-            else:  # a dead writer's rows are read with coefficient 0 (they are finite: see the docstring)
-                src = buf[:n_writers]
-            return torch.addmm(base, m.t(), src)
+            lo = 0
+            if prefix is not None and slot > start_slot and first:
+                key = (slot, tuple(range(readers.start, readers.stop)) if isinstance(readers, slice)
+                       else tuple(readers.tolist()))
+                if key not in prefix:
+                    prefix[key] = mix(base, m[:first], 0, first, token_rows)
+                base, lo = prefix[key], first
+            return mix(base, m[lo:], lo, n_writers, token_rows)
 
         dev = self.device
         if start_slot == 0:

@@ -54,6 +54,7 @@ class BatchPlan:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(int(seed)))
         self.parts = [order[i:i + batch_size] for i in range(0, len(examples), batch_size)]
         self.n_examples = len(examples)
+        self.cache_mib = float(cache_mib)
         self.keep_reference = self.reference_mib() <= cache_mib
         self.keep_corrupted = self.keep_reference and self.reference_mib() + self.estimate_mib() <= cache_mib
         self._references: dict[int, torch.Tensor] = {}
@@ -74,13 +75,17 @@ class BatchPlan:
     def estimate_mib(self) -> float:
         """Memory the corrupted caches (and writer stacks) of the whole split would hold (MiB)."""
         g, L = self.engine.graph, self.engine.graph.n_layers
-        d = self.engine.adapter.d_model
-        elem = torch.finfo(self.engine.dtype).bits // 8
         rows = (2 * L + 1) if self.ablation == "interchange" else 0
         if self.ablation == "interchange":
             rows += g.n_writers
         if self.want_stack:
             rows += g.n_writers
+        return self.rows_mib(rows)
+
+    def rows_mib(self, rows: int) -> float:
+        """Memory of ``rows`` rows of [tokens * d_model] for every batch of the split (MiB)."""
+        d = self.engine.adapter.d_model
+        elem = torch.finfo(self.engine.dtype).bits // 8
         widths = self.examples.attention_mask.sum(1)
         widths = torch.maximum(widths, self.examples.positions.max(1).values + 1)
         total = 0

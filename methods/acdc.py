@@ -11,8 +11,8 @@ the edge stays removed when the loss rises by less than tau.
 A trial changes only one reader's inputs, so the forward pass restarts at that reader's read slot
 from the writer stack of the full model (every reader before it is still intact: readers are
 visited from the last to the first), which is kept per batch; see `MaskedModel.forward`'s
-``start_slot``/``stack``. At an attention slot only the heads whose inputs changed are recomputed
-(`Trials`, ``fresh_heads``).
+``start_slot``/``stack``. At an attention slot only the heads whose inputs changed are recomputed,
+and later reads reuse their part from writers before the slot (`Trials`).
 
 A sweep over ``taus`` gives one circuit per tau (keyed by its realised sparsity in
 ``MethodResult.circuits``; each circuit's ``scores`` hold the loss increase measured for each
@@ -95,13 +95,14 @@ def ranking(increase: torch.Tensor) -> torch.Tensor:
     return out.view_as(increase)
 
 
-def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None) -> float:
+def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None, prefixes=None) -> float:
     total = 0.0
-    for prepared in plan.epoch():
+    for i, prepared in enumerate(plan.epoch()):
         b = prepared.batch
         logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
                         ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
-                        stack=prepared.stack, fresh_heads=fresh_heads)
+                        stack=prepared.stack, fresh_heads=fresh_heads,
+                        prefix=None if prefixes is None else prefixes.setdefault(i, {}))
         total += float(task.loss(logits, prepared.reference, b).double().sum())
         meter.forward()
     return total / plan.n_examples
@@ -110,12 +111,18 @@ def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None) -> float
 class Trials:
     """The loss of each trial of one search, restarting the pass at the trial reader's slot.
 
-    A trial at an attention slot recomputes only the heads whose rows may differ from what the
-    current circuit makes them: the heads the trial reader feeds, and the heads a rejected trial
-    just before it (at the same slot) left with that trial's rows. The other heads of the layer
-    keep their rows: their readers' edges did not change since their rows were last written. This
-    needs the batches' writer stacks kept between trials (``plan.keep_corrupted``) and an adapter
-    that computes head subsets; otherwise every live head of the layer is recomputed.
+    Two things are shared by the trials at one slot (they need the batches' writer stacks kept
+    between trials, ``plan.keep_corrupted``, and an adapter that computes head subsets):
+
+    - at an attention slot, only the heads whose rows may differ from what the current circuit
+      makes them are recomputed: the heads the trial reader feeds, and the heads a rejected trial
+      just before it (at the same slot) left with that trial's rows. The other heads of the layer
+      keep their rows: their readers' edges did not change since their rows were last written;
+    - every later read's part from the writers before the slot (`MaskedModel.forward`'s
+      ``prefix``): the edges of later readers do not change while the search is at this slot. The
+      first trial at a slot computes it (a full read), the others read only the rows from the slot
+      on. Kept when it fits in the plan's cache budget next to the stacks (a reader row per batch
+      per later reader).
     """
 
     def __init__(self, engine, task, plan, meter, head_subsets=True):
@@ -123,25 +130,26 @@ class Trials:
         g = engine.graph
         self._attn_slots = {2 * l for l in range(g.n_layers)}
         self.subsets = head_subsets and plan.keep_corrupted and getattr(engine.adapter, "head_subsets", False)
-        self._slot, self._stale, self._trial = None, set(), set()
+        budget = plan.cache_mib - plan.reference_mib() - plan.estimate_mib()
+        self.share_prefix = self.subsets and plan.rows_mib(g.n_readers) <= budget
+        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
 
     def full(self, mask) -> float:
         """The loss of ``mask`` from a pass over every slot (it rewrites every live row)."""
-        self._slot, self._stale, self._trial = None, set(), set()
+        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
         return _mean_loss(self.engine, self.task, self.plan, mask, 0, self.meter)
 
     def loss(self, mask, reader, slot) -> float:
         """The loss of ``mask``, which differs from the current circuit in ``reader``'s edges only."""
+        if slot != self._slot:  # a new slot: rows of its layer were last written by a pass over every head
+            self._slot, self._stale = slot, set()
+            self._prefixes = {} if self.share_prefix else None
         fresh = None
         if self.subsets and slot in self._attn_slots:
-            if slot != self._slot:  # rows of this layer were last written by a pass over every head
-                self._slot, self._stale = slot, set()
             first = self.engine.graph.head_writers(slot // 2).start
             self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
             fresh = sorted(self._trial | self._stale)
-        else:
-            self._slot, self._stale, self._trial = None, set(), set()
-        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh)
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes)
 
     def settle(self, accepted: bool):
         """After a trial: ``accepted`` when its mask becomes the current circuit."""

@@ -156,7 +156,8 @@ def test_bad_taus_are_user_errors(tiny):
 
 def test_restart_with_fresh_heads_equals_full_pass(tiny):
     """A restart at an attention slot that recomputes only the heads whose readers changed (the
-    other heads' rows come from the stack) gives the logits of a full masked pass."""
+    other heads' rows come from the stack), and shares later reads' parts from the writers before
+    the slot across the passes at that slot (``prefix``), gives the logits of a full masked pass."""
     model, eng = tiny
     g = model.graph
     gen = torch.Generator().manual_seed(2)
@@ -175,17 +176,19 @@ def test_restart_with_fresh_heads_equals_full_pass(tiny):
             stack = torch.zeros(g.n_writers, B * S * model.adapter.d_model)
             eng(clean, positions=pos, corrupted=cache, stack=stack)  # the full model's rows
             eng(clean, edge_mask=m, positions=pos, corrupted=cache, stack=stack)  # the current circuit's
+            prefix = {}
             for reader in (ar.start + H - 1, ar.start + H + G - 1):  # a query reader, a key reader
                 trial = m.clone()
                 trial[: g.writers_before_attn(l), reader] = 0.0
                 heads = [w - g.head_writers(l).start for w in _reader_nodes(g, reader)]
                 want = eng(clean, edge_mask=trial, positions=pos, corrupted=cache)
                 got = eng(clean, edge_mask=trial, positions=pos, corrupted=cache, start_slot=2 * l,
-                          stack=stack, fresh_heads=heads)
+                          stack=stack, fresh_heads=heads, prefix=prefix)
                 assert torch.allclose(got, want, atol=1e-5), (l, reader)
                 assert not torch.allclose(got, eng(clean, edge_mask=m, positions=pos, corrupted=cache), atol=1e-6)
                 eng(clean, edge_mask=m, positions=pos, corrupted=cache, start_slot=2 * l, stack=stack,
-                    fresh_heads=heads)  # the trial is rejected: its heads get the circuit's rows back
+                    fresh_heads=heads, prefix=prefix)  # the trial is rejected: its heads get the circuit's rows back
+            assert l == 0 or prefix  # later reads stored their part from writers before the slot
 
 
 def test_fresh_heads_only_in_restarts_without_autograd(tiny):
