@@ -20,7 +20,12 @@ per-read gradient tensors.
 
 Without autograd (evaluation, ACDC's trials) the pass runs only the heads and MLPs that a chain of
 kept edges connects to the logits (`MaskedModel.live_writers`): a sparse circuit costs a fraction
-of the full pass, exactly.
+of the full pass, exactly. Passes restarted at a read slot (ACDC) can recompute only some heads of
+that layer (``fresh_heads``) and share later reads' parts from the writers before the slot
+(``prefix``).
+
+When every edge has the same coefficient (the full model; EAP's and EAP-IG's masks), a read is a
+running sum of the stack and each writer's gradient one row (`_UniformRead`).
 """
 from __future__ import annotations
 
