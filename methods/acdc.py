@@ -128,7 +128,6 @@ class Trials:
     def __init__(self, engine, task, plan, meter, head_subsets=True):
         self.engine, self.task, self.plan, self.meter = engine, task, plan, meter
         g = engine.graph
-        self._attn_slots = {2 * l for l in range(g.n_layers)}
         self.subsets = head_subsets and plan.keep_corrupted and getattr(engine.adapter, "head_subsets", False)
         budget = plan.cache_mib - plan.reference_mib() - plan.estimate_mib()
         self.share_prefix = self.subsets and plan.rows_mib(g.n_readers) <= budget
@@ -145,7 +144,7 @@ class Trials:
             self._slot, self._stale = slot, set()
             self._prefixes = {} if self.share_prefix else None
         fresh = None
-        if self.subsets and slot in self._attn_slots:
+        if self.subsets and slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers:  # an attention slot
             first = self.engine.graph.head_writers(slot // 2).start
             self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
             fresh = sorted(self._trial | self._stale)
