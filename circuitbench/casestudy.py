@@ -209,7 +209,8 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
                    "graph": _graph_dict(graph), "log": [], "info": info, "started_at": now_iso(),
                    "finished_at": now_iso()}
             run = {"run_id": inter_run, "job_id": inter_job, "target_sparsity": LABEL_SPARSITY,
-                   "sparsity": float(inter.sparsity), "n_edges": overlap, "total_edges": n_total,
+                   "sparsity": float(inter.sparsity), "n_edges": overlap, "n_effective": inter.n_effective,
+                   "total_edges": n_total,
                    "n_nodes": len(inter.nodes), "n_examples": n_ip, "eval_s": eval_s, "finished_at": now_iso()}
             store.record_job(job, [run], {inter_run: {"test": ip_values, f"test@{FS_TASK}": fs_values}},
                              {inter_run: data})

@@ -26,6 +26,9 @@ from .errors import UserError
 from .graph import Graph
 
 FORMATS = ("circuitbench", "eap", "edge-pruning")
+# How a ranking becomes a circuit of a given size: the top edges, or the top edges until that many are
+# effective (on an input -> logits path), the default of comparisons.
+CUTS = ("effective", "edges")
 
 
 @dataclass
@@ -80,8 +83,51 @@ class Circuit:
         return cls(graph, keep.view_as(graph.valid), sc, dict(meta or {}))
 
     @classmethod
-    def from_sparsity(cls, graph: Graph, scores: torch.Tensor, sparsity: float, meta=None) -> "Circuit":
-        return cls.from_scores(graph, scores, edges_for_sparsity(graph, sparsity), meta)
+    def from_sparsity(cls, graph: Graph, scores: torch.Tensor, sparsity: float, meta=None,
+                      cut: str = "edges") -> "Circuit":
+        """The circuit of a ranking at ``sparsity``: ``cut="edges"`` keeps the top edges
+        (`from_scores`), ``cut="effective"`` the top edges until that many are effective
+        (`from_scores_effective`)."""
+        n = edges_for_sparsity(graph, sparsity)
+        if cut == "edges":
+            return cls.from_scores(graph, scores, n, meta)
+        if cut == "effective":
+            return cls.from_scores_effective(graph, scores, n, meta)
+        raise UserError(f"unknown cut {cut!r}; choose one of {', '.join(CUTS)}")
+
+    @classmethod
+    def from_scores_effective(cls, graph: Graph, scores: torch.Tensor, n_effective: int, meta=None) -> "Circuit":
+        """The effective edges of the shortest prefix of the ranking (largest |score| first, ties by
+        edge order) that holds at least ``n_effective`` effective edges (`Graph.effective_edges`).
+
+        Edges that lie on no input -> logits path are dropped as the ranking is walked, so a score
+        method is compared at the size of the circuit that acts. Adding an edge can complete several
+        paths at once, so the circuit may hold a few more than ``n_effective``; it holds fewer only
+        when the whole graph does.
+        """
+        if not 0 <= n_effective <= graph.n_edges:
+            raise UserError(f"cannot keep {n_effective} edges of a graph with {graph.n_edges}")
+        ranked = cls.from_scores(graph, scores, graph.n_edges)  # scores checked and cleaned once
+        flat = ranked.scores.abs().masked_fill(~graph.valid, -math.inf).flatten()
+        flat = torch.nan_to_num(flat, nan=-math.inf)
+        order = torch.argsort(-flat, stable=True)[:graph.n_edges]
+
+        def effective(n):
+            keep = torch.zeros(flat.numel(), dtype=torch.bool)
+            keep[order[:n]] = True
+            return graph.effective_edges(keep.view_as(graph.valid))
+
+        # the effective count only grows along the ranking: binary search the shortest prefix
+        lo, hi = 0, graph.n_edges
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(effective(mid).sum()) >= n_effective:
+                hi = mid
+            else:
+                lo = mid + 1
+        meta = dict(meta or {})
+        meta.update(cut="effective", ranked_prefix=lo)
+        return cls(graph, effective(lo), ranked.scores, meta)
 
     # ---- properties ------------------------------------------------------------------------------
     @property
@@ -91,6 +137,24 @@ class Circuit:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n_edges / self.graph.n_edges
+
+    @property
+    def effective_mask(self) -> torch.Tensor:
+        """Bool [W, R]: the kept edges on an input -> logits path of kept edges (`Graph.effective_edges`)."""
+        return self.graph.effective_edges(self.edges)
+
+    @property
+    def n_effective(self) -> int:
+        return int(self.effective_mask.sum())
+
+    @property
+    def effective_sparsity(self) -> float:
+        """1 - effective edges / total edges: the sparsity of the circuit that acts."""
+        return 1.0 - self.n_effective / self.graph.n_edges
+
+    def effective(self) -> "Circuit":
+        """This circuit without its dangling edges (the same function under interchange ablation)."""
+        return Circuit(self.graph, self.effective_mask, self.scores, {**self.meta, "dropped_dangling": True})
 
     def edge_mask(self, dtype=torch.float32, device=None) -> torch.Tensor:
         return self.edges.to(dtype=dtype, device=device)
@@ -119,7 +183,7 @@ class Circuit:
             raise UserError("circuits are on different graphs")
 
     def summary(self) -> dict:
-        return {"edges": self.n_edges, "total_edges": self.graph.n_edges,
+        return {"edges": self.n_edges, "effective_edges": self.n_effective, "total_edges": self.graph.n_edges,
                 "sparsity": self.sparsity, "nodes": len(self.nodes)}
 
     # ---- native JSON -----------------------------------------------------------------------------
@@ -127,7 +191,8 @@ class Circuit:
         g = self.graph
         d = {"format": "circuitbench", "version": 1,
              "graph": {"layers": g.n_layers, "heads": g.n_heads, "kv_heads": g.kv_heads},
-             "n_edges": self.n_edges, "sparsity": self.sparsity, "edges": self.edge_names,
+             "n_edges": self.n_edges, "n_effective": self.n_effective, "sparsity": self.sparsity,
+             "edges": self.edge_names,
              "meta": self.meta}
         if self.scores is not None:
             d["scores"] = {g.edge_name(i, j): float(self.scores[i, j])

@@ -167,6 +167,43 @@ class Graph:
             raise ValueError(f"edge {name!r} goes backwards in the forward pass")
         return i, j
 
+    # ---- effective edges -------------------------------------------------------------------------
+    def effective_edges(self, edges: torch.Tensor) -> torch.Tensor:
+        """The kept edges that lie on a path input -> ... -> logits through kept edges: bool [W, R].
+
+        ``edges``: bool (or any non-zero = kept) [W, R]. A writer is *reached* when it is the input or
+        a kept edge from a reached writer enters one of its readers (a head through its query, or its
+        key/value group's key or value reader); a reader is *needed* when its node's output reaches
+        the logits through kept edges (a key/value group reader when any head of the group does).
+        An edge is effective when it is kept, its writer is reached and its reader needed: the
+        others carry no clean-minus-corrupted difference to the logits (interchange ablation) and
+        removing them changes nothing.
+        """
+        kept = (edges != 0).cpu() & self.valid
+        H, G = self.n_heads, self.kv_heads
+        reached = torch.zeros(self.n_writers, dtype=torch.bool)
+        reached[0] = True
+        for l in range(self.n_layers):
+            ar, hs = self.attn_readers(l), self.head_writers(l)
+            fed = (kept[:, ar] & reached[:, None]).any(0)  # [H + 2G] readers with a kept reached input
+            groups = fed[H:H + G] | fed[H + G:]
+            reached[hs] = fed[:H] | groups.repeat_interleave(H // G)
+            if self.has_mlp:
+                reached[self.mlp_writer(l)] = (kept[:, self.mlp_reader(l)] & reached).any()
+        need = torch.zeros(self.n_readers, dtype=torch.bool)
+        need[self.logits_reader] = True
+        for l in reversed(range(self.n_layers)):
+            if self.has_mlp:
+                mw = self.mlp_writer(l)
+                need[self.mlp_reader(l)] = (kept[mw] & need).any()
+            hs, ar = self.head_writers(l), self.attn_readers(l)
+            heads = (kept[hs] & need).any(1)
+            groups = heads.view(G, H // G).any(1)
+            need[ar.start:ar.start + H] = heads
+            need[ar.start + H:ar.start + H + G] = groups
+            need[ar.start + H + G:ar.stop] = groups
+        return kept & reached[:, None] & need[None, :]
+
     def full_mask(self, dtype=torch.float32) -> torch.Tensor:
         return self.valid.to(dtype)
 

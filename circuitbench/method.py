@@ -93,7 +93,23 @@ class CircuitMethod(ABC):
         """The Config with the ``per_task`` entries for ``task`` applied (explicit overrides win)."""
         per_task = getattr(self.config, "per_task", None) or {}
         entry = {k: v for k, v in per_task.get(getattr(task, "name", None), {}).items() if k not in self.overrides}
-        return dataclasses.replace(self.config, **entry) if entry else self.config
+        config = dataclasses.replace(self.config, **entry) if entry else self.config
+        self.check_config(config)
+        return config
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise `UserError` for hyperparameter values this method cannot run with (called when a
+        sweep is planned, before any job starts). The default checks nothing."""
+
+    @classmethod
+    def target_groups(cls, config: dict, sparsities) -> list[tuple[float, ...]]:
+        """How a sweep's sparsities split into jobs, given the resolved hyperparameters ``config``:
+        one job per target for a method that trains one circuit per target, one job for the whole
+        grid for a score method (its ranking is cut at each)."""
+        if cls.produces == "circuits":
+            return [(float(s),) for s in sparsities]
+        return [tuple(float(s) for s in sparsities)]
 
     @abstractmethod
     def discover(self, engine, task, train, validation, sparsities: list[float], seed: int = 0,
@@ -166,9 +182,10 @@ def get_method(name: str) -> type[CircuitMethod]:
 
 
 # ---- turning results into circuits --------------------------------------------------------------------
-def circuits_at(result: MethodResult, graph, sparsities) -> dict[float, Circuit]:
+def circuits_at(result: MethodResult, graph, sparsities, cut: str = "effective") -> dict[float, Circuit]:
     """Circuits at ``sparsities``: the method's own circuit where it made one for that target,
-    otherwise the top edges of its scores (``Circuit.from_sparsity``)."""
+    otherwise its scores cut there (``Circuit.from_sparsity``; ``cut="effective"``: the top edges
+    until 1 - sparsity of the graph's edges are effective, ``"edges"``: the top edges)."""
     out = {}
     own = result.circuits or {}
     for s in sparsities:
@@ -177,7 +194,7 @@ def circuits_at(result: MethodResult, graph, sparsities) -> dict[float, Circuit]
         if match is not None:
             out[s] = own[match]
         elif result.scores is not None:
-            out[s] = Circuit.from_sparsity(graph, result.scores, s, meta={"cut_from": "scores"})
+            out[s] = Circuit.from_sparsity(graph, result.scores, s, meta={"cut_from": "scores"}, cut=cut)
         else:
             raise UserError(f"the method made no circuit at sparsity {s} and gave no scores to cut one from")
     return out

@@ -177,6 +177,7 @@ def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
         files[run_id] = data
         runs.append({"run_id": run_id, "job_id": job.job_id, "target_sparsity": float(s),
                      "sparsity": float(circuit.sparsity), "n_edges": int(circuit.n_edges),
+                     "n_effective": int(circuit.n_effective),
                      "total_edges": int(graph.n_edges), "n_nodes": len(circuit.nodes),
                      "n_examples": n_examples, "eval_s": eval_s, "finished_at": now_iso()})
     return runs, metrics, files
@@ -234,7 +235,7 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     torch.manual_seed(job.seed)  # anything left on the global RNG is seeded too
     result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
                              progress=unit.progress)
-    circuits = circuits_at(result, model.graph, job.sparsities)
+    circuits = circuits_at(result, model.graph, job.sparsities, cut=job.cut)
     runs, metrics, files = _run_records(job, circuits, model, task, splits.test, unit.progress)
     cost = result.cost
     scores = None
@@ -260,7 +261,7 @@ def _execute_extend(unit: Unit, record: dict) -> dict:
     model, _ = _model_and_engine(job.model, unit.device, unit.dtype)
     task = get_task(job.task)
     scores = torch.from_numpy(np.nan_to_num(unit.scores, nan=0.0))
-    circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"})
+    circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"}, cut=job.cut)
                 for s in unit.sparsities}
     runs, metrics, files = _run_records(job, circuits, model, task, _test_split(model, task, job), unit.progress)
     return {"kind": "extend", "job": record, "runs": runs, "metrics": metrics, "circuits": files}

@@ -36,6 +36,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
       job_id TEXT              -> jobs.job_id
       target_sparsity REAL     the sweep's sparsity; sparsity REAL the realised 1 - edges/total_edges
       n_edges, total_edges, n_nodes INTEGER
+      n_effective INTEGER      edges on an input -> logits path of kept edges (`Graph.effective_edges`;
+                               NULL in runs recorded before it was stored)
       circuit_file TEXT        relative path of the circuit JSON
       n_examples INTEGER       test examples it was evaluated on
       eval_s REAL              wall time of its evaluation; finished_at TEXT
@@ -120,6 +122,7 @@ CREATE TABLE IF NOT EXISTS runs (
     target_sparsity REAL NOT NULL,
     sparsity REAL NOT NULL,
     n_edges INTEGER NOT NULL,
+    n_effective INTEGER,
     total_edges INTEGER NOT NULL,
     n_nodes INTEGER,
     circuit_file TEXT NOT NULL,
@@ -159,7 +162,7 @@ JOB_FIELDS = ("job_id", "config", "method", "method_preset", "method_config", "t
               "wall_total_s", "forward_passes", "backward_passes", "peak_memory_mib", "device",
               "device_name", "threads", "host", "versions", "graph", "log", "info", "started_at",
               "finished_at")
-RUN_FIELDS = ("run_id", "job_id", "target_sparsity", "sparsity", "n_edges", "total_edges", "n_nodes",
+RUN_FIELDS = ("run_id", "job_id", "target_sparsity", "sparsity", "n_edges", "n_effective", "total_edges", "n_nodes",
               "circuit_file", "n_examples", "eval_s", "finished_at")
 JSON_FIELDS = ("config", "method_config", "wall_s", "versions", "graph", "log", "info")
 
@@ -276,7 +279,7 @@ class ResultsStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # Columns added to the schema after its first release, added in place to older stores.
-    _ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")]}
+    _ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")], "runs": [("n_effective", "INTEGER")]}
 
     def _add_missing_columns(self) -> None:
         conn = self._conn
@@ -489,7 +492,7 @@ class ResultsStore:
         """One row per run (a circuit of a job) with its job's configuration and cost.
 
         Columns: run_id, job_id, method, method_preset, task, model, dtype, n_train, n_validation,
-        data_seed, seed, target_sparsity, sparsity (realised), n_edges, total_edges, n_nodes,
+        data_seed, seed, target_sparsity, sparsity (realised), n_edges, n_effective, total_edges, n_nodes,
         circuit_file, n_examples, eval_s, status, wall_total_s, ``wall_s.<phase>`` for every phase, forward_passes,
         backward_passes, peak_memory_mib, runs_in_job (runs sharing this job's discovery cost),
         device, device_name, threads, host, circuitbench_version, torch_version, transformers_version,
@@ -504,7 +507,7 @@ class ResultsStore:
         join = "LEFT JOIN" if status != "complete" else "JOIN"
         q = (f"SELECT r.run_id, j.job_id, j.method, j.method_preset, j.task, j.model, j.dtype, j.n_train, "
              f"j.n_validation, j.data_seed, j.seed, COALESCE(r.target_sparsity, j.target_sparsity) "
-             f"AS target_sparsity, r.sparsity, r.n_edges, r.total_edges, r.n_nodes, r.circuit_file, "
+             f"AS target_sparsity, r.sparsity, r.n_edges, r.n_effective, r.total_edges, r.n_nodes, r.circuit_file, "
              f"r.n_examples, r.eval_s, "
              f"j.status, j.error, j.wall_total_s, j.wall_s, j.forward_passes, j.backward_passes, "
              f"j.peak_memory_mib, (SELECT COUNT(*) FROM runs r2 WHERE r2.job_id = j.job_id) AS runs_in_job, "
@@ -534,14 +537,14 @@ class ResultsStore:
 
     def metrics(self, method=None, task=None, model=None, split=None, metric=None):
         """Long table: run_id, job_id, method, task, model, n_train, seed, target_sparsity, sparsity,
-        n_edges, split, metric, value (complete jobs only)."""
+        n_edges, n_effective, split, metric, value (complete jobs only)."""
         import pandas as pd
 
         where, params = self._where({"j.method": method, "j.task": task, "j.model": model,
                                      "m.split": split, "m.metric": metric})
         where = (where + " AND" if where else " WHERE") + " j.status = 'complete'"
         q = ("SELECT m.run_id, j.job_id, j.method, j.task, j.model, j.n_train, j.seed, r.target_sparsity, "
-             "r.sparsity, r.n_edges, m.split, m.metric, m.value FROM metrics m "
+             "r.sparsity, r.n_edges, r.n_effective, m.split, m.metric, m.value FROM metrics m "
              "JOIN runs r ON r.run_id = m.run_id JOIN jobs j ON j.job_id = r.job_id"
              f"{where} ORDER BY j.method, j.task, j.model, r.target_sparsity, m.run_id, m.split, m.metric")
         return pd.read_sql_query(q, self._connect(), params=params)

@@ -20,6 +20,10 @@ data_seed           --data-seed N                seed of the task's data (defaul
 method_preset       --method-preset NAME         which preset of every method (paper/quick/smoke)
 method_config       --set ep.steps=100           per-method hyperparameter overrides
                                                  (TOML: ``[method_config.ep]`` with ``steps = 100``)
+cut                 --cut effective|edges        how a score method's ranking becomes a circuit at a
+                                                 sparsity: the top edges until 1 - sparsity of the
+                                                 graph's edges are *effective* (on an input -> logits
+                                                 path; default), or the top ``edges``
 eval_limit          --eval-limit N               evaluate on the first N test examples (default all)
 eval_batch_size     --eval-batch-size N          evaluation batch size (default 32)
 device, dtype       --device, --dtype            where (default auto: a GPU when there is one) and in
@@ -38,9 +42,11 @@ Sources are layered: built-in defaults, then the preset (``configs/NAME.toml``),
 per-task value wins over the file's top level. ``method_config`` entries merge field by field in
 the same order.
 
-Expansion: for every task, model, method, n_train and seed, a method that trains one circuit per
-target (``produces == "circuits"``) gets one job per sparsity; a score-based method gets one job
-that is discovered once and cut at every sparsity. A job's id is a hash of everything that
+Expansion: for every task, model, method, n_train and seed, the method splits the sparsities into
+jobs (`CircuitMethod.target_groups`): a method that trains one circuit per target (``produces ==
+"circuits"``) gets one job per sparsity, unless it trains them all in one run (Edge Pruning's
+``schedule = "path"``: one job for the whole grid); a score-based method gets one job that is
+discovered once and cut at every sparsity. A job's id is a hash of everything that
 defines its result (`Job.config`), so rerunning a sweep finds the jobs it already has.
 """
 from __future__ import annotations
@@ -75,6 +81,7 @@ KEYS = {
     "data_seed": "int",
     "method_preset": "str",
     "method_config": "method_config",
+    "cut": "str",
     "eval_limit": "int",
     "eval_batch_size": "int",
     "device": "str",
@@ -92,6 +99,7 @@ DEFAULTS = {
     "data_seed": 0,
     "method_preset": "paper",
     "method_config": {},
+    "cut": "effective",
     "eval_batch_size": 32,
     "jobs": 1,
     "backend": "local",
@@ -230,7 +238,9 @@ def source_from_mapping(data: dict, name: str) -> Source:
                         raise UserError(f"{name}: unknown key {k!r} in [task.{task}]; allowed there: "
                                         f"{', '.join(PER_TASK_KEYS)}")
                     entry[k] = _parse_value(k, v, f"{name}: task.{task}.")
-                per_task[task] = entry
+                from .tasks import canonical_task_name
+
+                per_task[canonical_task_name(task)] = entry
             continue
         if key not in KEYS:
             raise UserError(f"{name}: unknown key {key!r}; known keys: {', '.join(list(KEYS) + ['task'])}")
@@ -292,9 +302,10 @@ class Job:
     device: str
     eval_limit: int | None
     eval_batch_size: int
-    target_sparsity: float | None  # circuit methods: the one target trained for
+    target_sparsity: float | None  # circuit methods trained for one target: that target
     sparsities: tuple[float, ...]  # the circuits to evaluate
     config: dict  # what job_id hashes
+    cut: str = "effective"  # score methods: how the ranking is cut at each sparsity (`Circuit.from_sparsity`)
 
     @property
     def label(self) -> str:
@@ -393,7 +404,9 @@ class Sweep:
         tasks = self.get("tasks")
         if not tasks:
             raise UserError("no task given: use --task NAME (or a preset / --config file that names tasks)")
-        return tasks
+        from .tasks import canonical_task_name  # a bare PATH.jsonl is stored as custom:PATH.jsonl
+
+        return [canonical_task_name(t) for t in tasks]
 
     def plan(self, device: str = "cpu", dtype: str | None = None) -> tuple[list[Job], list[Reference]]:
         """Expand into jobs and reference evaluations, validating every name and size first.
@@ -402,6 +415,7 @@ class Sweep:
         results differ between devices); ``dtype`` overrides the sweep's dtype. Raises `UserError` for unknown methods, tasks, presets or
         hyperparameters and for training-set sizes a task cannot generate.
         """
+        from .circuit import CUTS
         from .method import get_method
         from .tasks import get_task
 
@@ -436,22 +450,29 @@ class Sweep:
             eval_bs = int(self.get("eval_batch_size"))
             if eval_bs < 1:
                 raise UserError(f"eval_batch_size must be at least 1, got {eval_bs}")
+            cut = self.get("cut")
+            if cut not in CUTS:
+                raise UserError(f"unknown cut {cut!r}; choose one of {', '.join(CUTS)}")
             for model in models:
                 ref = reference_for(task_name, model, dtype, device, data_seed, eval_limit, eval_bs, n_validation)
                 refs.setdefault(ref.ref_id, ref)
                 for method_name, cls in method_classes.items():
                     overrides = self.method_overrides(method_name, task_name)
                     mcfg = resolved_method_config(cls, method_preset, overrides, task)
-                    targets = [(s,) for s in sparsities] if cls.produces == "circuits" else [tuple(sparsities)]
+                    targets = cls.target_groups(mcfg, sparsities)
                     for n_train in resolved_n:
                         for seed in seeds:
                             for group in targets:
-                                target = group[0] if cls.produces == "circuits" else None
+                                target = group[0] if cls.produces == "circuits" and len(group) == 1 else None
                                 config = {"v": HASH_VERSION, "method": method_name, "method_preset": method_preset,
                                           "method_config": mcfg, "task": task_name, "model": model,
                                           "n_train": n_train, "n_validation": n_validation,
                                           "data_seed": data_seed, "seed": seed, "dtype": dtype, "device": device,
                                           "eval_limit": eval_limit, "target_sparsity": target}
+                                if cls.produces == "circuits" and len(group) > 1:
+                                    config["targets"] = list(group)  # one run trains them all (a path)
+                                if cls.produces == "scores":
+                                    config["cut"] = cut
                                 job_id = config_hash(config)
                                 if job_id in jobs:  # the same job from two per-task entries: merge grids
                                     old = jobs[job_id]
@@ -460,7 +481,7 @@ class Sweep:
                                 jobs[job_id] = Job(job_id, method_name, method_preset, dict(overrides), mcfg,
                                                    cls.produces, task_name, model, n_train, n_validation,
                                                    data_seed, seed, dtype, device, eval_limit, eval_bs,
-                                                   target, tuple(group), config)
+                                                   target, tuple(group), config, cut)
         return list(jobs.values()), list(refs.values())
 
     def _models_for(self, task_name: str, task) -> list[str]:

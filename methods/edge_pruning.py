@@ -57,6 +57,42 @@ from ._common import BatchPlan, check_sparsities, progress_bar, valid_float
 from .hard_concrete import HardConcrete
 
 DISCRETISE = ("density", "deterministic", "exact")
+SCHEDULES = ("independent", "path")
+STOPS = ("none", "converged")
+
+
+class StoppingRule:
+    """When a run (or a stage of the path) has converged: its target is reached (the expected edge
+    density within ``stop_sparsity_tol`` of the target density 1 - t) and the mean training KL of the
+    last ``stop_window`` steps differs from the mean of the window before it by less than ``stop_tol``
+    of the latter. Never before the target's ramp has ended and two windows have passed since."""
+
+    def __init__(self, cfg, ramp_steps: int):
+        self.window, self.tol, self.sparsity_tol = cfg.stop_window, cfg.stop_tol, cfg.stop_sparsity_tol
+        self.ramp = ramp_steps
+        self.kls: list[float] = []
+        self.steps = 0
+
+    def update(self, kl: float, expected_sparsity: float, target: float) -> bool:
+        """Record one step; True when the run may stop after it."""
+        self.steps += 1
+        if self.steps <= self.ramp:
+            return False
+        self.kls.append(kl)
+        n = self.window
+        if len(self.kls) < 2 * n:
+            return False
+        density, want = 1.0 - expected_sparsity, max(1.0 - min(target, 1.0), 0.0)
+        if abs(density - want) > self.sparsity_tol * max(want, 1.0 / 1e6):
+            return False
+        last = sum(self.kls[-n:]) / n
+        before = sum(self.kls[-2 * n:-n]) / n
+        return abs(last - before) <= self.tol * max(abs(before), 1e-12)
+
+    def window_mean(self) -> float | None:
+        n = min(self.window, len(self.kls))
+        return sum(self.kls[-n:]) / n if n else None
+
 
 
 @dataclass
@@ -84,6 +120,12 @@ class EdgePruningConfig:
     cache_mib: float = 2048.0  # keep prepared batches (corrupted caches) when they fit in this
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (large models)
     log_every: int = 10
+    schedule: str = "independent"  # "independent": one run per target; "path": one run through every target
+    stage_ramp_steps: int = 50  # the path: steps over which the target moves on from the previous one
+    stop: str = "none"  # "none": every run (path: stage) takes `steps`; "converged": the stopping rule may end it
+    stop_window: int = 50  # the stopping rule compares the mean training KL of the last two windows of this many steps
+    stop_tol: float = 0.05  # ... and stops when they differ by less than this fraction
+    stop_sparsity_tol: float = 0.1  # ... and the expected density is within this fraction of the target's
     per_task: dict = field(default_factory=dict)
 
 
@@ -133,9 +175,25 @@ class EdgePruning(CircuitMethod):
     # set by circuitbench.distributed: a DataParallel (rank, world size, gradient all-reduce), or None
     data_parallel = None
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        _check(config)
+
+    @classmethod
+    def target_groups(cls, config: dict, sparsities) -> list[tuple[float, ...]]:
+        if config.get("schedule") == "path":
+            return [tuple(sorted(float(s) for s in sparsities))]  # one run walks the whole grid
+        return super().target_groups(config, sparsities)
+
+    @classmethod
+    def planned_passes(cls, config: dict, n_train: int, n_edges, n_sparsities: int) -> tuple[float, float]:
+        """Steps (one forward and one backward each): ``steps`` per target, an upper bound when the
+        stopping rule may end a run or a stage early."""
+        steps = float(config["steps"]) * max(1, n_sparsities)
+        return steps, steps
+
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
-        _check(cfg)
         sparsities = check_sparsities(sparsities)
         if not sparsities:
             raise UserError("edge pruning needs at least one target sparsity")
@@ -155,31 +213,35 @@ class EdgePruning(CircuitMethod):
             warm = None
             if cfg.warm_start is not None:
                 warm = self._warm_scores(cfg, engine, task, train, validation, sparsities, seed, meter)
-        result = MethodResult(circuits={}, info={"targets": {}, "warm_start": _warm_name(cfg.warm_start)})
+        result = MethodResult(circuits={}, info={"targets": {}, "warm_start": _warm_name(cfg.warm_start),
+                                                 "schedule": cfg.schedule})
         # Tracr presets fix the training target: one run serves every requested sparsity.
-        targets = {s: (cfg.edge_target if cfg.edge_target is not None else s) for s in sparsities}
-        runs: dict[float, tuple] = {}
+        stages: dict[float, list[float]] = {}  # training target -> the requested sparsities it serves
+        for s in sparsities:
+            stages.setdefault(cfg.edge_target if cfg.edge_target is not None else s, []).append(s)
+        if cfg.schedule == "path":
+            runs = [sorted(stages.items())]  # one run, targets in increasing order
+        else:
+            runs = [[item] for item in stages.items()]
         checkpoint_before = engine.checkpoint
         engine.checkpoint = cfg.gradient_checkpointing or checkpoint_before
         try:
-            for i, s in enumerate(sparsities):
-                t = targets[s]
-                key = (t, s if cfg.discretise == "exact" else None)
-                if key not in runs:
-                    runs[key] = self._train_one(cfg, engine, task, plan, kl_scales, t, s, warm, seed, meter,
-                                                progress, f"ep {i + 1}/{len(sparsities)} t={t:g}")
-                circuit, info, log = runs[key]
-                result.circuits[s] = circuit
-                result.info["targets"][s] = info
-                result.log.extend({"target_sparsity": s, **row} for row in log)
+            for i, run in enumerate(runs):
+                desc = f"ep {i + 1}/{len(runs)}" if len(runs) > 1 else "ep"
+                for requested, circuit, info in self._train(cfg, engine, task, plan, kl_scales, run, warm, seed,
+                                                            meter, progress, desc, result.log):
+                    result.circuits[requested] = circuit
+                    result.info["targets"][requested] = info
         finally:
             engine.checkpoint = checkpoint_before
         result.cost = meter.finish()
         return result
 
-    # ---- one run -------------------------------------------------------------------------------------
-    def _train_one(self, cfg, engine, task, plan, kl_scales, target, requested, warm, seed, meter, progress,
-                   desc):
+    # ---- one training run: one stage per target (several on the sparsity path) ------------------------
+    def _train(self, cfg, engine, task, plan, kl_scales, stages, warm, seed, meter, progress, desc, log):
+        """Train one set of masks through ``stages`` ([(training target, [requested sparsities])], in
+        order), emitting (requested sparsity, circuit, info) at the end of each stage. Appends the
+        training curve to ``log``."""
         g = engine.graph
         dev = engine.device
         hc = HardConcrete(cfg.beta, cfg.left, cfg.right, cfg.eps)
@@ -187,13 +249,13 @@ class EdgePruning(CircuitMethod):
         batch_gen = seeded_generator(seed + 1)
         valid = valid_float(g, dev)
         n_edges = g.n_edges
-        node_target = None if cfg.node_target is None else min(cfg.node_target, target)
+        first = stages[0][0]
 
         with meter.phase("setup"):
             la_edge = cfg.init_log_alpha + cfg.init_std * torch.randn(
                 g.n_writers, g.n_readers, generator=gen, device=dev)
             if warm is not None:
-                la_edge = warm_log_alpha(warm.to(dev), g, min(max(target, 0.0), 1.0), cfg.warm_start_scale)
+                la_edge = warm_log_alpha(warm.to(dev), g, min(max(first, 0.0), 1.0), cfg.warm_start_scale)
             la_node = cfg.init_log_alpha + cfg.init_std * torch.randn(g.n_writers, generator=gen, device=dev)
             la_edge = torch.nn.Parameter(la_edge.float())
             la_node = torch.nn.Parameter(la_node.float())
@@ -205,80 +267,115 @@ class EdgePruning(CircuitMethod):
             with torch.no_grad():
                 start = 0.0 if warm is None else float(1 - _expected_density(hc, la_edge, la_node, valid, n_edges))
 
-        log = []
         dp = self.data_parallel
         if dp is not None:
             progress = progress and dp.rank == 0
-        bar = progress_bar(cfg.steps, desc, progress)
         batches = _cycle(plan, batch_gen)
-        with meter.phase("train"):
-            for step in range(cfg.steps):
-                frac = min(1.0, step / cfg.ramp_steps) if cfg.ramp_steps > 0 else 1.0
-                t_edge = start + (target - start) * frac
-                index, prepared = next(batches)
-                b = prepared.batch
-                z_edge = hc.sample(la_edge, gen)
-                z_node = hc.sample(la_node, gen)
-                logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=z_edge.to(engine.dtype),
-                                node_mask=z_node.to(engine.dtype), positions=b.positions, ablation=plan.ablation,
-                                corrupted=prepared.corrupted)
-                per_example = task.loss(logits, prepared.reference, b).float()
-                if dp is None:
-                    kl = per_example.mean()
-                else:  # this shard's part of the global batch mean (a stand-in shard counts zero)
-                    kl = per_example.sum() * kl_scales[index]
-                density = _expected_density(hc, la_edge, la_node, valid, n_edges)
-                gap = t_edge - (1 - density)
-                reg = lambdas[0] * gap + lambdas[1] * gap ** 2
-                node_s = 1 - hc.prob_nonzero(la_node).mean()
-                if node_target is not None:
-                    gap_n = node_target * frac - node_s
-                    reg = reg + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
-                if dp is not None:
-                    reg = reg / dp.world_size  # the all-reduce below sums world_size copies of it
-                loss = kl + reg
-                opt.zero_grad(set_to_none=True)
-                opt_l.zero_grad(set_to_none=True)
-                loss.backward()
-                if dp is not None:
-                    kl, loss = _all_reduce_step(dp, (la_edge, la_node, lambdas), kl.detach(), loss.detach())
-                meter.forward()
-                meter.backward()
-                if cfg.fix_lambda1:
-                    lambdas.grad[0::2] = 0.0
-                opt.step()
-                opt_l.step()
-                if cfg.log_alpha_bound is not None:
-                    with torch.no_grad():
-                        la_edge.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
-                        la_node.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
-                for s in scheds:
-                    s.step()
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    row = {"step": step, "loss": float(loss.detach()), "kl": float(kl.detach()), "edge_sparsity": float(1 - density.detach()),
-                           "node_sparsity": float(node_s.detach()), "target": float(t_edge),
-                           "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach())}
+        step = 0  # over the whole run
+        for k, (target, requested) in enumerate(stages):
+            node_target = None if cfg.node_target is None else min(cfg.node_target, target)
+            node_start = 0.0 if k == 0 else min(cfg.node_target or 0.0, stages[k - 1][0])
+            ramp = cfg.ramp_steps if k == 0 else cfg.stage_ramp_steps
+            rule = StoppingRule(cfg, ramp) if cfg.stop == "converged" else None
+            bar = progress_bar(cfg.steps, f"{desc} t={target:g}" + (f" ({k + 1}/{len(stages)})" if len(stages) > 1 else ""),
+                               progress)
+            t0 = meter.cost.wall_s.get("train", 0.0)
+            stopped = "max_steps"
+            with meter.phase("train"):
+                for stage_step in range(cfg.steps):
+                    frac = min(1.0, stage_step / ramp) if ramp > 0 else 1.0
+                    t_edge = start + (target - start) * frac
+                    index, prepared = next(batches)
+                    b = prepared.batch
+                    z_edge = hc.sample(la_edge, gen)
+                    z_node = hc.sample(la_node, gen)
+                    logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=z_edge.to(engine.dtype),
+                                    node_mask=z_node.to(engine.dtype), positions=b.positions, ablation=plan.ablation,
+                                    corrupted=prepared.corrupted)
+                    per_example = task.loss(logits, prepared.reference, b).float()
+                    if dp is None:
+                        kl = per_example.mean()
+                    else:  # this shard's part of the global batch mean (a stand-in shard counts zero)
+                        kl = per_example.sum() * kl_scales[index]
+                    density = _expected_density(hc, la_edge, la_node, valid, n_edges)
+                    gap = t_edge - (1 - density)
+                    reg = lambdas[0] * gap + lambdas[1] * gap ** 2
+                    node_s = 1 - hc.prob_nonzero(la_node).mean()
+                    t_node = None
                     if node_target is not None:
-                        row.update(node_target=float(node_target * frac), lambda3=float(lambdas[2].detach()),
-                                   lambda4=float(lambdas[3].detach()))
-                    log.append(row)
-                    bar.set_postfix(kl=f"{row['kl']:.3g}", s=f"{row['edge_sparsity']:.3f}", refresh=False)
-                bar.update(1)
-        bar.close()
+                        t_node = node_start + (node_target - node_start) * frac
+                        gap_n = t_node - node_s
+                        reg = reg + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
+                    if dp is not None:
+                        reg = reg / dp.world_size  # the all-reduce below sums world_size copies of it
+                    loss = kl + reg
+                    opt.zero_grad(set_to_none=True)
+                    opt_l.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if dp is not None:
+                        kl, loss = _all_reduce_step(dp, (la_edge, la_node, lambdas), kl.detach(), loss.detach())
+                    meter.forward()
+                    meter.backward()
+                    if cfg.fix_lambda1:
+                        lambdas.grad[0::2] = 0.0
+                    opt.step()
+                    opt_l.step()
+                    if cfg.log_alpha_bound is not None:
+                        with torch.no_grad():
+                            la_edge.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
+                            la_node.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
+                    for sch in scheds:
+                        sch.step()
+                    kl_value, expected = float(kl.detach()), float(1 - density.detach())
+                    done = rule is not None and rule.update(kl_value, expected, target)
+                    last = done or stage_step == cfg.steps - 1
+                    if stage_step % cfg.log_every == 0 or last:
+                        with torch.no_grad():
+                            n_keep = edges_for_sparsity(g, requested[0]) if cfg.discretise == "exact" else None
+                            kept, _, _ = discretise_masks(hc, la_edge, la_node, valid, cfg.discretise, n_keep)
+                        row = {"step": step, "stage": k, "stage_step": stage_step, "loss": float(loss.detach()),
+                               "kl": kl_value, "edge_sparsity": expected,
+                               "realised_sparsity": 1.0 - float(kept.sum()) / n_edges,
+                               "node_sparsity": float(node_s.detach()), "target": float(t_edge),
+                               "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach())}
+                        if t_node is not None:
+                            row.update(node_target=float(t_node), lambda3=float(lambdas[2].detach()),
+                                       lambda4=float(lambdas[3].detach()))
+                        log.extend({"target_sparsity": s, **row} for s in requested)
+                        bar.set_postfix(kl=f"{kl_value:.3g}", s=f"{expected:.3f}", refresh=False)
+                    bar.update(1)
+                    step += 1
+                    if done:
+                        stopped = "converged"
+                        break
+            bar.close()
+            stage_s = meter.cost.wall_s.get("train", 0.0) - t0
+            start = target  # the next stage ramps on from here
 
-        with meter.phase("discretise"), torch.no_grad():
-            n_keep = edges_for_sparsity(g, requested) if cfg.discretise == "exact" else None
-            edges, det, soft = discretise_masks(hc, la_edge, la_node, valid, cfg.discretise, n_keep)
-            circuit = Circuit(g, edges.cpu(), soft.exp().cpu().masked_fill(~g.valid, float("nan")),
-                              meta={"method": "ep", "target_sparsity": float(target),
-                                    "requested_sparsity": float(requested), "discretise": cfg.discretise})
-            circuit.meta["realised_sparsity"] = circuit.sparsity
-            info = {"train_target": float(target), "realised_sparsity": circuit.sparsity,
-                    "n_edges": circuit.n_edges,
-                    "expected_sparsity": float(1 - _expected_density(hc, la_edge, la_node, valid, n_edges)),
-                    "deterministic_sparsity": float(1 - det.sum() / n_edges),
-                    "final_kl": log[-1]["kl"] if log else None}
-        return circuit, info, log
+            with meter.phase("discretise"), torch.no_grad():
+                # one circuit serves every requested sparsity of this target, unless each asks for its
+                # exact edge count
+                made = {}
+                for s in requested:
+                    n_keep = edges_for_sparsity(g, s) if cfg.discretise == "exact" else None
+                    if n_keep not in made:
+                        edges, det, soft = discretise_masks(hc, la_edge, la_node, valid, cfg.discretise, n_keep)
+                        circuit = Circuit(g, edges.cpu(), soft.exp().cpu().masked_fill(~g.valid, float("nan")),
+                                          meta={"method": "ep", "target_sparsity": float(target),
+                                                "requested_sparsity": float(s), "discretise": cfg.discretise,
+                                                "schedule": cfg.schedule, "stage": k})
+                        circuit.meta["realised_sparsity"] = circuit.sparsity
+                        info = {"train_target": float(target), "realised_sparsity": circuit.sparsity,
+                                "n_edges": circuit.n_edges,
+                                "expected_sparsity": float(1 - _expected_density(hc, la_edge, la_node, valid,
+                                                                                 n_edges)),
+                                "deterministic_sparsity": float(1 - det.sum() / n_edges),
+                                "final_kl": kl_value, "stop": stopped, "steps": stage_step + 1, "run_steps": step,
+                                "train_s": stage_s, "stage": k}
+                        if rule is not None:
+                            info["window_kl"] = rule.window_mean()
+                        made[n_keep] = circuit, info
+                    yield (s, *made[n_keep])
 
     # ---- warm start ------------------------------------------------------------------------------------
     def _warm_scores(self, cfg, engine, task, train, validation, sparsities, seed, meter):
@@ -401,6 +498,18 @@ def _warm_name(ws):
 def _check(cfg):
     if cfg.discretise not in DISCRETISE:
         raise UserError(f"discretise must be one of {', '.join(DISCRETISE)}, got {cfg.discretise!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"ep.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.stop not in STOPS:
+        raise UserError(f"ep.stop must be one of {', '.join(STOPS)}, got {cfg.stop!r}")
+    if not cfg.stop_tol > 0 or not cfg.stop_sparsity_tol > 0:
+        raise UserError(f"ep.stop_tol and ep.stop_sparsity_tol must be > 0, got {cfg.stop_tol} and "
+                        f"{cfg.stop_sparsity_tol}")
+    if cfg.stop_window < 1 or cfg.stage_ramp_steps < 0:
+        raise UserError("edge pruning needs stop_window >= 1 and stage_ramp_steps >= 0")
+    if cfg.schedule == "path" and cfg.lr_decay:
+        raise UserError("ep.lr_decay decays the learning rate to 0 at the last step of one run; the path has "
+                        "no fixed last step: use it with schedule = 'independent'")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.ramp_steps < 0 or cfg.warmup_steps < 0:
         raise UserError("edge pruning needs steps >= 1, batch_size >= 1, ramp_steps >= 0 and warmup_steps >= 0")
     if cfg.node_target is not None and not 0 <= cfg.node_target <= 1.5:

@@ -256,3 +256,99 @@ def test_bad_settings_are_user_errors(tiny):
             EdgePruning(**kw).discover(eng, SyntheticTask(), make_examples(4), None, [0.5], progress=False)
     with pytest.raises(UserError):
         EdgePruning().discover(eng, SyntheticTask(), make_examples(4), None, [1.5], progress=False)
+
+
+# ---- the stopping rule and the sparsity path ------------------------------------------------------------
+def _rule(**kw):
+    from methods.edge_pruning import StoppingRule
+
+    cfg = EdgePruningConfig(**{"stop_window": 5, "stop_tol": 0.05, "stop_sparsity_tol": 0.1, **kw})
+    return StoppingRule(cfg, ramp_steps=10)
+
+
+def test_stopping_rule_fires_after_the_ramp_and_two_quiet_windows():
+    rule = _rule()
+    fired = [rule.update(1.0, 0.9, 0.9) for _ in range(40)]
+    assert fired.index(True) == 10 + 2 * 5 - 1  # step 20: the ramp's 10 steps, then two windows of 5
+    assert rule.window_mean() == 1.0
+
+
+def test_stopping_rule_waits_for_the_kl_and_the_target():
+    falling = _rule()
+    assert not any(falling.update(0.9 ** i, 0.9, 0.9) for i in range(40))  # KL still falls 10% a window...
+    assert _rule(stop_tol=0.5).update  # ...which a looser tolerance accepts:
+    loose = _rule(stop_tol=0.5)
+    assert any(loose.update(0.9 ** i, 0.9, 0.9) for i in range(40))
+    short = _rule()  # density 0.2 against a target density of 0.1: not there yet, however flat the KL
+    assert not any(short.update(1.0, 0.8, 0.9) for _ in range(40))
+    near = _rule()  # density 0.105 against 0.1: within 10% of it
+    assert any(near.update(1.0, 0.895, 0.9) for _ in range(40))
+
+
+PATH = dict(FAST, steps=200, ramp_steps=80, stage_ramp_steps=20, stop="converged", stop_window=20, stop_tol=0.1)
+
+
+@pytest.fixture(scope="module")
+def path_run(small):
+    _, eng = small
+    return EdgePruning(schedule="path", **PATH).discover(eng, SyntheticTask(), make_examples(16), None, TARGETS,
+                                                         progress=False)
+
+
+def test_path_emits_every_target_from_one_run(path_run):
+    res = path_run
+    info = res.info["targets"]
+    assert res.info["schedule"] == "path" and sorted(res.circuits) == TARGETS
+    assert [info[t]["stage"] for t in TARGETS] == [0, 1]
+    # one run: the second stage's steps continue the first's, and the log says where each stage is
+    first, second = info[TARGETS[0]], info[TARGETS[1]]
+    assert second["run_steps"] == first["run_steps"] + second["steps"]
+    steps = [r["step"] for r in res.log]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert {r["stage"] for r in res.log} == {0, 1}
+    assert res.cost.backward_passes == second["run_steps"]  # one backward per step
+    for t in TARGETS:
+        assert info[t]["stop"] in ("converged", "max_steps")
+        assert abs(res.circuits[t].sparsity - t) <= 0.03
+        row = [r for r in res.log if r["target_sparsity"] == t][-1]
+        assert {"kl", "edge_sparsity", "realised_sparsity", "lambda1", "lambda2", "target"} <= set(row)
+        assert row["realised_sparsity"] == pytest.approx(res.circuits[t].sparsity)
+    # the stopping rule ended at least one stage before its cap
+    assert any(info[t]["stop"] == "converged" and info[t]["steps"] < PATH["steps"] for t in TARGETS)
+
+
+def test_path_is_deterministic(small, path_run):
+    _, eng = small
+    again = EdgePruning(schedule="path", **PATH).discover(eng, SyntheticTask(), make_examples(16), None,
+                                                          list(reversed(TARGETS)), progress=False)
+    for t in TARGETS:
+        assert torch.equal(again.circuits[t].edges, path_run.circuits[t].edges)
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"schedule": "zigzag"}, "ep.schedule must be one of independent, path"),
+    ({"stop": "soon"}, "ep.stop must be one of none, converged"),
+    ({"stop_tol": 0.0}, "must be > 0"),
+    ({"stop_tol": -1.0}, "must be > 0"),
+    ({"schedule": "path", "lr_decay": True}, "no fixed last step"),
+])
+def test_bad_schedule_and_stop_values(override, msg):
+    with pytest.raises(UserError, match=msg):
+        EdgePruning(**override).config_for(SyntheticTask())
+
+
+def test_sweep_plans_one_path_job_for_the_whole_grid():
+    from circuitbench.sweep import Sweep
+
+    def plan(schedule):
+        sweep = Sweep.build(flags={"methods": ["ep"], "tasks": ["ioi-t1"], "models": ["random:gpt2-tiny"],
+                                   "sparsities": "0.98,0.9,0.95,0.9", "method_preset": "smoke",
+                                   "method_config": {"ep": {"schedule": schedule}}})
+        return sweep.plan()[0]
+
+    path = plan("path")
+    assert len(path) == 1
+    assert path[0].sparsities == (0.9, 0.95, 0.98) and path[0].target_sparsity is None
+    assert path[0].config["targets"] == [0.9, 0.95, 0.98]
+    independent = plan("independent")
+    assert sorted(j.target_sparsity for j in independent) == [0.9, 0.95, 0.98]

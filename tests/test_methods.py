@@ -113,7 +113,9 @@ def test_circuits_at_prefers_own_circuits_and_cuts_scores(tiny):
     res = MethodResult(scores=scores, circuits={0.25: own})
     out = circuits_at(res, g, [0.25, 0.5])
     assert out[0.25] is own
-    assert out[0.5].n_edges == edges_for_sparsity(g, 0.5)
+    # by default a ranking is cut where that many edges are effective; cut="edges" takes the top edges
+    assert out[0.5].n_effective == out[0.5].n_edges >= edges_for_sparsity(g, 0.5)
+    assert circuits_at(res, g, [0.5], cut="edges")[0.5].n_edges == edges_for_sparsity(g, 0.5)
     with pytest.raises(UserError):
         circuits_at(MethodResult(circuits={0.25: own}), g, [0.5])
 

@@ -123,13 +123,17 @@ def test_expansion_and_stable_ids():
     assert not {j.job_id for j in jobs} & {j.job_id for j in other_data}
     on_gpu, _ = Sweep.build(flags=flags).plan(device="cuda")
     assert not {j.job_id for j in jobs} & {j.job_id for j in on_gpu}
-    # the id of a job, fixed: a change here silently orphans every stored result
+    # the id of a job, fixed: a change here silently orphans every stored result (it changed once on
+    # purpose: score methods' circuits are cut by effective edges, and their jobs say so with "cut")
     one, _ = Sweep.build(flags={**flags, "methods": "fixed-config", "seeds": "0", "n_train": "16"}).plan()
-    assert [j.job_id for j in one] == ["8090ca38ffa04c2b"]
+    assert [j.job_id for j in one] == ["5847ba31297e3e09"]
     assert one[0].config == {"v": 1, "method": "fixed-config", "method_preset": "smoke",
                              "method_config": {"batch_size": 8}, "task": "ioi-t1", "model": "random:gpt2-tiny",
                              "n_train": 16, "n_validation": None, "data_seed": 0, "seed": 0, "dtype": "float32",
-                             "device": "cpu", "eval_limit": None, "target_sparsity": None}
+                             "device": "cpu", "eval_limit": None, "target_sparsity": None, "cut": "effective"}
+    edges, _ = Sweep.build(flags={**flags, "methods": "fixed-config", "seeds": "0", "n_train": "16",
+                                  "cut": "edges"}).plan()
+    assert edges[0].config["cut"] == "edges" and edges[0].cut == "edges" and edges[0].job_id != one[0].job_id
 
 
 def test_plan_errors():

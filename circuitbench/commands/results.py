@@ -2,7 +2,8 @@
 
     circuitbench results [--results DIR] [--method M] [--task T] [--model SPEC] [--csv FILE] [--json] [--all]
 
-One row per run (a circuit of a job): its configuration, realised sparsity, edge count, wall
+One row per run (a circuit of a job): its configuration, realised sparsity, edge count and
+effective edge count (edges on an input -> logits path of kept edges), wall
 time and every metric. ``--csv FILE`` writes the full table; ``--json`` prints one JSON list of
 rows; ``--all`` also lists failed jobs with their error.
 """
@@ -16,7 +17,7 @@ from ..errors import UserError
 
 # The columns shown on screen (the CSV and JSON outputs hold every column).
 SCREEN_COLUMNS = ["job_id", "method", "task", "model", "n_train", "seed", "target_sparsity", "sparsity",
-                  "n_edges", "wall_total_s", "eval_s"]
+                  "n_edges", "n_effective", "wall_total_s", "eval_s"]
 
 
 def add_parser(sub):

@@ -17,7 +17,8 @@ def add_parser(sub):
                        description="Run circuit discovery jobs and record them in a results store. "
                                    "Rerunning the same command skips complete jobs.")
     p.add_argument("--methods", help="comma list of methods (see `circuitbench methods`), e.g. ep,acdc,eap")
-    p.add_argument("--task", "--tasks", dest="tasks", help="task name or comma list, e.g. gt or ioi,gt")
+    p.add_argument("--task", "--tasks", dest="tasks",
+                   help="task name or comma list, e.g. gt or ioi,gt; your own file: custom:PATH.jsonl")
     p.add_argument("--model", "--models", dest="models",
                    help="model spec or comma list (default smollm2-135m; Tracr tasks use their own model)")
     p.add_argument("--sparsities", help="comma list (0.9,0.95) or range start:stop:step (0.9:0.99:0.01), each in [0, 1)")
@@ -33,6 +34,9 @@ def add_parser(sub):
                    help="which preset of every method to use (default: the sweep preset's name, else paper)")
     p.add_argument("--set", dest="set_values", action="append", metavar="METHOD.FIELD=VALUE",
                    help="override one method hyperparameter, e.g. --set ep.steps=500 (repeatable)")
+    p.add_argument("--cut", choices=["effective", "edges"],
+                   help="how a score method's ranking is cut at a sparsity: the top edges until that many are "
+                        "effective, on an input -> logits path (default), or the top edges")
     p.add_argument("--eval-limit", dest="eval_limit", type=int,
                    help="evaluate each circuit on the first N test examples (default: the whole test split)")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="evaluation batch size (default 32)")
@@ -56,7 +60,7 @@ def run(args) -> int:
     flags = {"methods": args.methods, "tasks": args.tasks, "models": args.models,
              "sparsities": args.sparsities, "n_train": args.n_train, "n_validation": args.n_validation,
              "seeds": args.seeds, "data_seed": args.data_seed, "method_preset": args.method_preset,
-             "eval_limit": args.eval_limit, "eval_batch_size": args.eval_batch_size}
+             "eval_limit": args.eval_limit, "eval_batch_size": args.eval_batch_size, "cut": args.cut}
     if args.set_values:
         flags["method_config"] = parse_set(args.set_values)
     sweep = Sweep.build(preset=args.preset, config=args.config, flags=flags)

@@ -29,7 +29,8 @@ def snapshot(results_dir) -> dict:
     for row in runs.to_dict(orient="records"):
         key = f"{row['method']}/{row['task']}/{row['model']}/n{row['n_train']}/seed{row['seed']}/s{row['target_sparsity']:g}"
         out["runs"][key] = {
-            "job_id": row["job_id"], "n_edges": int(row["n_edges"]), "total_edges": int(row["total_edges"]),
+            "job_id": row["job_id"], "n_edges": int(row["n_edges"]), "n_effective": int(row["n_effective"]),
+            "total_edges": int(row["total_edges"]),
             "sparsity": float(row["sparsity"]),
             "metrics": {k[len("test/"):]: row[k] for k in row if k.startswith("test/") and not _nan(row[k])},
         }
