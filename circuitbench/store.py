@@ -535,6 +535,21 @@ class ResultsStore:
                 df = df.merge(wide, how="left", left_on="run_id", right_index=True)
         return df.reset_index(drop=True)
 
+    def job_logs(self, method=None, task=None, model=None):
+        """One row per complete job with its log and info parsed from JSON: job_id, method,
+        method_preset, task, model, n_train, seed, target_sparsity, log (list of dicts), info (dict),
+        wall_total_s, device_name, threads."""
+        import pandas as pd
+
+        where, params = self._where({"method": method, "task": task, "model": model, "status": "complete"})
+        q = ("SELECT job_id, method, method_preset, task, model, n_train, seed, target_sparsity, log, info, "
+             f"wall_total_s, device_name, threads FROM jobs{where} ORDER BY method, task, model, n_train, seed, "
+             "target_sparsity, job_id")
+        df = pd.read_sql_query(q, self._connect(), params=params)
+        df["log"] = [json.loads(v) if v else [] for v in df["log"]]
+        df["info"] = [json.loads(v) if v else {} for v in df["info"]]
+        return df
+
     def metrics(self, method=None, task=None, model=None, split=None, metric=None):
         """Long table: run_id, job_id, method, task, model, n_train, seed, target_sparsity, sparsity,
         n_edges, n_effective, split, metric, value (complete jobs only)."""

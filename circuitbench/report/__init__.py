@@ -5,14 +5,15 @@ writes, under ``out_dir`` (default ``<results_dir>/report``)::
 
     index.html            everything on one page, with the runs each item came from
     figures/NAME.png|pdf  faithfulness, performance, exact_match, accuracy (paper figures 2, 3, 5, 6),
-                          auc_curves and auc, tracr_<task> (figure 4), edge_faithfulness (figure 7),
+                          auc_curves and auc, training_<task>_<model> (training curves),
+                          tracr_<task> (figure 4), edge_faithfulness (figure 7),
                           circuit_<task>_<model>_<method>_s<sparsity> (appendix F diagrams)
     tables/NAME.md|csv|tex  scaling (table 1), runtime, tracr_recovery, case_study (table 2), auc,
                           edge_faithfulness, edge_faithfulness_edges
 
 A figure or table without data is not written; the page says why in its place. A store without
 runs gets a page saying so. Modules: `data` (loading), `curves` (series, AUC), `figures`,
-`tables`, `diagrams`, `edge_faithfulness`, `html`.
+`tables`, `training`, `diagrams`, `edge_faithfulness`, `html`.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _guarded(name: str, title: str, section: str, build, kind: str = "figure"):
 def iter_artifacts(data: ReportData):
     """Every figure and table of the report (not yet written to disk), one builder at a time, so a
     caller can write and close each figure before the next is drawn."""
-    from . import diagrams, edge_faithfulness, figures, tables
+    from . import diagrams, edge_faithfulness, figures, tables, training
 
     for fn, name, title, section in (
             (figures.faithfulness, "faithfulness", "Faithfulness", "faithfulness"),
@@ -62,6 +63,7 @@ def iter_artifacts(data: ReportData):
     for fn, name, title, section, kind in (
             (tables.scaling_table, "scaling", "Scaling", "scaling", "table"),
             (tables.runtime_table, "runtime", "Runtime", "runtime", "table"),
+            (training.training_curves, "training", "Training curves", "training", "figure"),
             (diagrams.tracr_figures, "tracr", "Tracr recovery", "tracr", "figure"),
             (tables.tracr_recovery_table, "tracr_recovery", "Tracr recovery", "tracr", "table"),
             (tables.case_study_table, "case_study", "Case study", "case_study", "table")):

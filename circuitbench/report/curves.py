@@ -2,7 +2,8 @@
 
 A *series* is one line of a panel: a method under one preset and training-set size
 (`data.SERIES_KEYS`), its runs averaged over seeds at each target sparsity. The x value of a
-point is the mean *realised* sparsity (1 - edges/total) of its runs.
+point is the mean *effective* sparsity (1 - effective edges / all edges: edges on an input ->
+logits path of kept edges) of its runs, so methods are compared by the size of the circuit that acts.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from .data import ReportData, method_sort_key
 class Curve:
     """One series of a (task, model) panel for one metric.
 
-    ``points``: one row per target sparsity with ``target_sparsity``, ``sparsity`` (mean realised),
-    ``kept`` (mean fraction of edges kept), ``n_edges`` (mean), ``mean``, ``std`` (over seeds; 0 for
+    ``points``: one row per target sparsity with ``target_sparsity``, ``sparsity`` (mean effective
+    sparsity), ``kept`` (mean fraction of edges effective), ``n_edges`` (mean effective edges),
+    ``n_edges_kept`` (mean edges, dangling ones included), ``mean``, ``std`` (over seeds; 0 for
     one seed), ``n_seeds``; ``run_ids``: the runs behind it.
     """
 
@@ -65,9 +67,10 @@ def panel_curves(data: ReportData, task: str, model: str, metric: str, split: st
     for key in keys:
         method, preset, n_train = key
         g = groups.get_group(key)
-        pts = (g.assign(kept=g["n_edges"] / g["total_edges"])
+        pts = (g.assign(kept=g["n_effective"] / g["total_edges"])
                .groupby("target_sparsity")
-               .agg(sparsity=("sparsity", "mean"), kept=("kept", "mean"), n_edges=("n_edges", "mean"),
+               .agg(sparsity=("effective_sparsity", "mean"), kept=("kept", "mean"), n_edges=("n_effective", "mean"),
+                    n_edges_kept=("n_edges", "mean"),
                     mean=(col, "mean"), std=(col, "std"), n_seeds=(col, "size"))
                .reset_index().sort_values("sparsity"))
         pts["std"] = pts["std"].fillna(0.0)

@@ -110,7 +110,9 @@ class ReportData:
 
     ``runs``: every run of a complete discovery job (derived jobs excluded), one row each, with
     columns as `ResultsStore.runs` plus ``<split>/<metric>`` for every stored split, ``eval_limit``
-    (from the job's config) and ``x_sparsity`` (the realised sparsity). ``derived``: the runs of
+    (from the job's config), ``effective_sparsity`` (1 - effective edges / all edges; a run stored
+    without an effective count counts all its edges) and ``x_sparsity`` (the figures' x: the
+    effective sparsity). ``derived``: the runs of
     derived jobs (case-study intersections) with ``intersection_of``. ``failed``: failed jobs.
     ``references``: `ResultsStore.reference_metrics`.
     """
@@ -230,7 +232,12 @@ def load_report_data(results_dir) -> ReportData:
                            dtype=bool)
     runs["intersection_of"] = [tuple(o) if isinstance(o, (list, tuple)) else None for o in of] if len(runs) \
         else pd.Series(dtype=object)
-    runs["x_sparsity"] = runs["sparsity"]
+    # Comparisons count the edges that act: a run stored before effective edges were recorded counts
+    # all its edges.
+    runs["n_effective"] = runs["n_effective"].fillna(runs["n_edges"]) if len(runs) else runs["n_effective"]
+    runs["effective_sparsity"] = 1.0 - runs["n_effective"] / runs["total_edges"] if len(runs) \
+        else pd.Series(dtype=float)
+    runs["x_sparsity"] = runs["effective_sparsity"]
     derived = runs[is_derived].reset_index(drop=True)
     runs = runs[~is_derived].reset_index(drop=True)
     runs["method_preset"] = runs["method_preset"].fillna("")

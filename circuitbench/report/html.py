@@ -23,6 +23,7 @@ SECTIONS = (
     ("auc", "Area under the faithfulness curve"),
     ("scaling", "Scaling with the training-set size (paper table 1)"),
     ("runtime", "Runtime"),
+    ("training", "Training curves (Edge Pruning)"),
     ("tracr", "Tracr: recovering the ground truth (paper figure 4)"),
     ("case_study", "Case study: instruction-prompted vs few-shot (paper table 2)"),
     ("edge_faithfulness", "Edge faithfulness (paper appendix D, figure 7)"),
