@@ -383,8 +383,9 @@ def test_build_report_writes_every_file(store_dir, report):
     diagrams = [p for p in summary["figures"] if p.startswith("circuit_")]
     assert len(diagrams) == 9  # one per task and method: ioi-t1 2, gt 2, tracr-reverse 3, boolexpr-ip/fs 1 each
     assert all((out / "figures" / f"{d}.pdf").exists() for d in diagrams)
+    # this store's jobs logged no training curves (see test_training_curves_from_stored_logs)
     assert set(summary["missing"]) == {"figures/edge_faithfulness", "tables/edge_faithfulness",
-                                       "tables/edge_faithfulness_edges"}
+                                       "tables/edge_faithfulness_edges", "figures/training"}
 
 
 def test_index_page_shows_everything_and_the_runs(store_dir, report):
@@ -503,3 +504,98 @@ def test_edge_faithfulness_errors(tmp_path):
     bad.write_text(json.dumps({"format": "circuitbench", "edges": []}))
     assert main(["report", "--results", str(tmp_path), "--edge-faithfulness", str(bad)]) == 2
     assert main(["report", "--results", str(tmp_path), "--model", "tracr:reverse"]) == 2
+
+
+# ---- layout ------------------------------------------------------------------------------------------
+def _layout_gaps(fig) -> tuple[float, float]:
+    """Inches between the suptitle and the highest panel title, and between the lowest panel's
+    labels and the legend below (negative: they overlap)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes if ax.get_visible()]
+    top = fig._suptitle.get_window_extent(renderer).y0 - max(b.y1 for b in boxes)
+    bottom = min(b.y0 for b in boxes) - fig.legends[0].get_window_extent(renderer).y1
+    return top / fig.dpi, bottom / fig.dpi
+
+
+def test_figures_leave_no_blank_band_under_the_title(data, tmp_path):
+    """Issue 19: the panels start just below the figure's title and end just above the legend
+    (the title's room was reserved twice: a blank band of ~0.7 inch), for one panel and for a grid."""
+    import matplotlib.pyplot as plt
+
+    from circuitbench.report import figures, tables
+    from circuitbench.report.data import load_report_data
+
+    make_store(tmp_path, tracr=False, case_study=False, failed=False, lm_tasks=(("ioi-t1", (200,)),)).close()
+    one = load_report_data(tmp_path)
+    try:
+        arts = [figures.faithfulness(one), figures.auc_curves(one), figures.faithfulness(data),
+                figures.performance(data), figures.auc_curves(data), figures.auc_bars(tables.auc_table(data).table)]
+        for art in arts:
+            top, bottom = _layout_gaps(art.figure)
+            assert 0.0 < top <= 0.2, (art.name, top)
+            assert 0.0 < bottom <= 0.2, (art.name, bottom)
+            plt.close(art.figure)
+    finally:
+        one.store.close()
+
+
+# ---- training curves and effective edges ------------------------------------------------------------------
+def _path_log(targets, steps_per_stage):
+    log, info, step = [], {"schedule": "path", "targets": {}}, 0
+    for k, t in enumerate(targets):
+        for i in range(steps_per_stage):
+            row = {"step": step, "stage": k, "stage_step": i, "kl": 1.0 / (1 + step), "edge_sparsity": t * i / steps_per_stage,
+                   "realised_sparsity": t * i / steps_per_stage, "target": t, "lambda1": 0.1, "lambda2": 0.0}
+            log.append({"target_sparsity": t, **row})
+            step += 1
+        info["targets"][str(t)] = {"stage": k, "train_target": t, "stop": "converged" if k else "max_steps",
+                                   "steps": steps_per_stage, "run_steps": step}
+    return log, info
+
+
+def test_training_curves_from_stored_logs(tmp_path):
+    from test_store import make_job
+
+    from circuitbench.report.data import load_report_data
+    from circuitbench.report.training import training_curves
+
+    store = ResultsStore(tmp_path)
+    for i, seed in enumerate((0, 1)):
+        job, runs, metrics, circuits, scores = make_job(f"bbbb00000000000{i}", method="ep", seed=seed)
+        job["log"], job["info"] = _path_log([0.5, 0.9], 20)
+        store.record_job(job, runs, metrics, circuits, None)
+    store.record_job(*make_job("bbbb000000000009", method="eap"))  # a log without a curve: not drawn
+    store.close()
+    data = load_report_data(tmp_path)
+    arts = list(training_curves(data))
+    assert [a.name for a in arts] == ["training_ioi-t1_random-gpt2-tiny"]
+    fig = arts[0].figure
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["seed 0, n=50, path 0.5 → 0.9", "seed 1, n=50, path 0.5 → 0.9"]
+    kl_line = panels[0].get_lines()[0]
+    assert list(kl_line.get_xdata()) == list(range(40))  # one point per logged step, rows not repeated
+    notes = [t.get_text() for t in panels[0].texts]
+    assert notes == ["0.5: max_steps", "0.9: converged"]
+    assert sorted(arts[0].run_ids) == ["bbbb000000000000", "bbbb000000000001"]
+    data.store.close()
+
+
+def test_figures_place_runs_by_effective_edges(tmp_path):
+    from test_store import make_job
+
+    from circuitbench.report import figures
+    from circuitbench.report.data import load_report_data
+
+    store = ResultsStore(tmp_path)
+    job, runs, metrics, circuits, scores = make_job("cccc000000000001", method="eap", sparsities=(0.9,))
+    runs[0]["n_effective"] = runs[0]["n_edges"] // 2  # half of its edges dangle
+    store.record_job(job, runs, metrics, circuits, scores)
+    store.close()
+    data = load_report_data(tmp_path)
+    art = figures.faithfulness(data)
+    ax = next(a for a in art.figure.axes if a.get_title())
+    x = ax.get_lines()[0].get_xdata()[0]
+    assert x == pytest.approx(1 - (runs[0]["n_edges"] // 2) / runs[0]["total_edges"])
+    assert ax.get_xlabel() == "effective sparsity" and "effective sparsity" in art.caption
+    data.store.close()

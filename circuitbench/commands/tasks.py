@@ -37,13 +37,14 @@ def run_list(args) -> int:
     if args.json:
         print(json.dumps({"tasks": rows, "custom": "custom:PATH.jsonl"}))
         return 0
-    width = max(len(r["name"]) for r in rows)
+    width = max([len(r["name"]) for r in rows] + [len("custom:PATH.jsonl")])
     print(f"{'task':<{width}}  {'train':>6} {'valid':>6} {'test':>7}  {'ablation':<11}  metrics")
     for r in rows:
         s = r["sizes"]
         print(f"{r['name']:<{width}}  {s['train']:>6} {s['validation']:>6} {s['test']:>7}  "
               f"{r['ablation']:<11}  {', '.join(r['metrics'])}")
-    print(f"{'custom:PATH':<{width}}  your JSONL file: clean, corrupted, answer, wrong_answer[, split] per line")
+    print(f"{'custom:PATH.jsonl':<{width}}  your JSONL file: clean, corrupted, answer, wrong_answer[, split] per line "
+          "(README: Custom tasks)")
     print("\n`circuitbench tasks show NAME --model SPEC` prints examples and the tokenizer's drop counts.")
     return 0
 

@@ -262,7 +262,7 @@ def figure(rows: pd.DataFrame) -> Artifact:
         if pd.notna(s["run_id"].iloc[0]):
             art.run_ids.append(s["run_id"].iloc[0])
     fig.suptitle(art.title, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    style.fit_panels(fig)  # no blank band between the suptitle and the panels
     art.figure = fig
     return art
 

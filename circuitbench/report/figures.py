@@ -2,8 +2,8 @@
 
 Each function takes the `ReportData` and returns an `Artifact` holding a matplotlib Figure, or
 the reason there is nothing to draw. In every metric panel a method's line is the mean over
-seeds at each target sparsity (x = mean realised sparsity) with a ±1 standard deviation band
-when there are several seeds; series lines carry ``gid="series"`` and reference lines
+seeds at each target sparsity (x = mean effective sparsity: edges on an input -> logits path) with
+a ±1 standard deviation band when there are several seeds; series lines carry ``gid="series"`` and reference lines
 ``gid="reference"`` (tests count them).
 """
 from __future__ import annotations
@@ -163,9 +163,10 @@ def _draw_references(ax, ys: list[float], full: float | None, empty: float | Non
                 bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
 
 
-def _legend(fig, axes, methods: list[str], colours, variants: Variants | None, rect_top: float = 0.95) -> None:
+def _legend(fig, axes, methods: list[str], colours, variants: Variants | None, rect_top: float = 1.0) -> None:
     """One legend below the panels: a colour per method, a marker per variant (when the figure has
-    several), then the reference lines that appear; then lay the panels out above it."""
+    several), then the reference lines that appear; then lay the panels out above it (see
+    `style.fit_panels`; ``rect_top`` is for room above the panels other than the suptitle's)."""
     from matplotlib.lines import Line2D
 
     handles, labels = [], []
@@ -181,20 +182,21 @@ def _legend(fig, axes, methods: list[str], colours, variants: Variants | None, r
             handles.append(Line2D([], [], **st))
             labels.append(name)
     # as many entries per row as fit the figure's width (an entry: handle, gap and its text)
-    fig_w, fig_h = fig.get_size_inches()
+    fig_w = fig.get_size_inches()[0]
     entry_w = max(0.75 + 0.085 * len(label) for label in labels)
     ncol = max(1, min(len(labels), int((fig_w - 0.3) // entry_w)))
-    rows = math.ceil(len(labels) / ncol)
-    legend_h = (0.3 * rows + 0.25) / fig_h
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, legend_h, 1, rect_top))
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0),
+                        borderaxespad=0.2)
+    style.fit_panels(fig, legend, rect_top)
 
 
 def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, what: str,
                   full_reference: bool = True, empty_reference: bool = True) -> Artifact:
     """One panel per (task, model) with the metric ``pick(task's stored metric names)``, one line per
     series, the full model (dashed) and empty circuit (dotted) marked from the stored references."""
-    art = Artifact(name=name, title=title, section=name, caption=caption)
+    art = Artifact(name=name, title=title, section=name,
+                   caption=caption + " x: effective sparsity, 1 - (edges on an input → logits path of kept "
+                                     "edges) / (all edges); dangling edges act on nothing and are not counted.")
     panels = []
     for task, model in data.panels:
         metric = pick(data.test_metrics(task))
@@ -223,12 +225,12 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
             art.notes.append(f"{task} ({model}): no reference metrics stored; full model and empty circuit "
                              f"not marked")
         ax.set_title(_panel_title(task, model))
-        ax.set_xlabel("sparsity")
+        ax.set_xlabel("effective sparsity")
         ax.set_ylabel(metric_label(metric))
         for c in curves:
             art.run_ids += c.run_ids
     fig.suptitle(title, y=0.995)
-    _legend(fig, axes, methods, colours, variants, rect_top=1 - 0.35 / fig.get_size_inches()[1])
+    _legend(fig, axes, methods, colours, variants)
     art.figure = fig
     return art
 
@@ -237,7 +239,7 @@ def faithfulness(data: ReportData) -> Artifact:
     """Paper figure 2: KL(full ‖ circuit) against sparsity (MSE to the full model for numeric Tracr)."""
     return metric_figure(
         data, "faithfulness", "Faithfulness: KL divergence against sparsity", faithfulness_metric,
-        "KL(full model ‖ circuit) on the test split against the realised sparsity (lower is more "
+        "KL(full model ‖ circuit) on the test split against the effective sparsity (lower is more "
         "faithful; MSE to the full model for tracr-xproportion). Mean over seeds, band ±1 s.d. when there "
         "are several; full model (KL 0) dashed, empty circuit dotted.", "faithfulness metric (kl / mse_full)")
 
@@ -316,10 +318,10 @@ def auc_curves(data: ReportData) -> Artifact:
         ax.axhline(1.0, label="full model", **style.FULL_STYLE).set_gid("reference")
         ax.axhline(0.0, label="empty circuit", **style.EMPTY_STYLE).set_gid("reference")
         ax.set_title(_panel_title(task, model))
-        ax.set_xlabel("fraction of edges kept")
+        ax.set_xlabel("fraction of edges kept (effective)")
         ax.set_ylabel(f"normalised {metric_label(metric)}")
     fig.suptitle(art.title, y=0.995)
-    _legend(fig, axes, methods, colours, variants, rect_top=1 - 0.35 / fig.get_size_inches()[1])
+    _legend(fig, axes, methods, colours, variants)
     art.figure = fig
     return art
 
@@ -377,8 +379,9 @@ def auc_bars(auc_table) -> Artifact:
     handles = [Patch(facecolor=colours[m]) for m in methods] + \
               [Patch(facecolor="0.75", hatch=h, edgecolor="white") for h in hatches.values()]
     labels = methods + list(hatches)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False)
+    legend = fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False,
+                        borderaxespad=0.2)
     fig.suptitle(art.title, y=0.995)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    style.fit_panels(fig, legend)
     art.figure = fig
     return art
