@@ -8,13 +8,19 @@ Reported as ratios measured in one run, so they compare across machines:
 - ``masked_over_plain_frozen``: the same masked step over a plain forward+backward with frozen
   weights (gradient to the input embeddings only), the strictest baseline;
 - ``masked_with_corrupted_over_plain``: the masked step including the corrupted pass;
-- ``*_peak_mib`` and ``memory_masked_over_plain``: peak resident memory of each step above the
-  loaded model, each measured in a fresh process;
+- ``*_peak_mib`` and ``memory_masked_over_plain``: peak memory of each step above the loaded model
+  and batch, each measured in a fresh process (CPU: resident memory; CUDA: allocated device memory);
 - forward passes without autograd (evaluation, ACDC's trials): ``eval_masked_over_plain`` = the
   masked pass with every edge kept (every node live) over the plain model's forward, and
   ``eval_sparse_over_full`` = the masked pass of a sparse circuit (2% of the edges, among a quarter
   of the nodes) over the masked pass with every edge kept: the engine skips the nodes no kept edge
   path leads from to the logits.
+
+Every ratio comes with the absolute median seconds per step (``*_s``) it was computed from.
+``device`` (``--device cuda``) runs everything on a GPU: timed regions are bracketed by
+``torch.cuda.synchronize`` (kernels run asynchronously, so a timer must wait for them), and
+``dtype``/``checkpoint`` load the model in another dtype and run the masked pass with gradient
+checkpointing.
 """
 from __future__ import annotations
 
@@ -41,16 +47,17 @@ def sparse_circuit(graph, seed=0, node_share=0.25, edge_share=0.02) -> torch.Ten
     return ((torch.rand(graph.n_writers, graph.n_readers, generator=gen) < p) & allowed).float()
 
 
-def _setup(spec, batch, seq, seed=0):
+def _setup(spec, batch, seq, seed=0, device="cpu", dtype=None, checkpoint=False):
+    """(model, engine, clean ids, corrupted ids): the ids are seeded random tokens on the device."""
     from .engine import MaskedModel
     from .models import load_model
 
-    model = load_model(spec, seed=seed)
+    model = load_model(spec, device=device, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     vocab = model.hf_model.config.vocab_size
-    clean = torch.randint(0, vocab, (batch, seq), generator=gen)
-    corrupted = torch.randint(0, vocab, (batch, seq), generator=gen)
-    return model, MaskedModel(model), clean, corrupted
+    clean = torch.randint(0, vocab, (batch, seq), generator=gen).to(model.device)
+    corrupted = torch.randint(0, vocab, (batch, seq), generator=gen).to(model.device)
+    return model, MaskedModel(model, checkpoint=checkpoint), clean, corrupted
 
 
 def _step_fn(mode, model, mm, clean, corrupted):
@@ -77,15 +84,16 @@ def _step_fn(mode, model, mm, clean, corrupted):
             loss.backward()
         return step
     hf.requires_grad_(False)
-    positions = torch.full((clean.shape[0],), clean.shape[1] - 1)
+    dev = clean.device
+    positions = torch.full((clean.shape[0],), clean.shape[1] - 1, device=dev)
     if mode.startswith("eval_"):
         if mode == "eval_plain":
             return torch.no_grad()(lambda: hf(clean).logits[:, -1])
         cache = mm.corrupted_cache(corrupted)
-        mask = sparse_circuit(g) if mode == "eval_sparse" else None
+        mask = sparse_circuit(g).to(dev) if mode == "eval_sparse" else None
         return torch.no_grad()(lambda: mm(clean, edge_mask=mask, positions=positions, corrupted=cache))
-    edge = torch.full((g.n_writers, g.n_readers), 0.9, requires_grad=True)
-    node = torch.full((g.n_writers,), 0.95, requires_grad=True)
+    edge = torch.full((g.n_writers, g.n_readers), 0.9, device=dev, requires_grad=True)
+    node = torch.full((g.n_writers,), 0.95, device=dev, requires_grad=True)
     ref = mm.reference(clean, positions=positions).log_softmax(-1)
     cache = mm.corrupted_cache(corrupted) if mode == "masked" else None
 
@@ -98,25 +106,37 @@ def _step_fn(mode, model, mm, clean, corrupted):
     return step
 
 
-def median_seconds(step, repeats: int) -> float:
-    """Median wall time of ``step()`` over ``repeats`` calls, after one warm-up call."""
+def synchronize(device=None) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA runs kernels asynchronously); a
+    no-op on the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device=None) -> float:
+    """Wall seconds of one ``step()``, including the device work it queued."""
+    synchronize(device)
+    t0 = time.perf_counter()
     step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def median_seconds(step, repeats: int, device=None) -> float:
+    """Median wall time of ``step()`` over ``repeats`` calls, after one warm-up call; on a GPU each
+    call is bracketed by synchronisations (`timed`)."""
+    step()
+    return statistics.median(timed(step, device) for _ in range(repeats))
 
 
 def time_modes(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, modes=MODES,
-               progress=True) -> dict:
+               progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
     """Median seconds per step of each mode, all measured in this process on the same batch."""
     torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq)
+    model, mm, clean, corrupted = _setup(spec, batch, seq, device=device, dtype=dtype, checkpoint=checkpoint)
     times = {}
     for mode in modes:
-        times[mode] = median_seconds(_step_fn(mode, model, mm, clean, corrupted), repeats)
+        times[mode] = median_seconds(_step_fn(mode, model, mm, clean, corrupted), repeats, model.device)
         if progress:
             print(f"  {mode:<24} {times[mode] * 1e3:9.1f} ms/step (median of {repeats})", file=sys.stderr)
     return times
@@ -130,15 +150,23 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_peak_mib(step) -> float:
-    """Peak resident memory growth of ``step()`` above the memory held before it (MiB).
+def measure_peak_mib(step, device=None) -> float:
+    """Peak memory growth of ``step()`` above the memory held before it (MiB).
 
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux) so earlier peaks of
-    model loading do not hide the step's own.
+    CPU: resident memory; resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux) so
+    earlier peaks of model loading do not hide the step's own. CUDA: memory allocated on the device
+    (the allocator's peak counter, reset first).
     """
     import gc
 
     gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
@@ -146,7 +174,7 @@ def measure_peak_mib(step) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def peak_mib_in_fresh_process(threads: int, make_step: str) -> float:
+def peak_mib_in_fresh_process(threads: int, make_step: str, device=None) -> float:
     """Peak memory of one step (MiB), measured in a fresh process so allocator caches of other
     measurements do not interfere. ``make_step`` is Python source that defines the step ``s``."""
     code = (
@@ -154,26 +182,44 @@ def peak_mib_in_fresh_process(threads: int, make_step: str) -> float:
         "from circuitbench.bench import measure_peak_mib;"
         f"torch.set_num_threads({threads});"
         f"{make_step};"
-        "print(json.dumps(measure_peak_mib(s)))"
+        f"print(json.dumps(measure_peak_mib(s, {None if device is None else str(device)!r})))"
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_mib(spec, batch, seq, threads, mode) -> float:
+def setup_source(spec, batch, seq, device="cpu", dtype=None, checkpoint=False) -> str:
+    """Python source that runs `_setup` with these arguments into ``m, mm, c, x``."""
+    return (f"from circuitbench.bench import _setup;m,mm,c,x=_setup({spec!r},{batch},{seq},device={str(device)!r},"
+            f"dtype={None if dtype is None else str(dtype)!r},checkpoint={bool(checkpoint)!r})")
+
+
+def _peak_rss_mib(spec, batch, seq, threads, mode, device="cpu", dtype=None, checkpoint=False) -> float:
     """Peak memory of one step of ``mode`` (MiB)."""
-    return peak_mib_in_fresh_process(threads, "from circuitbench.bench import _setup,_step_fn;"
-                                               f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
-                                               f"s=_step_fn({mode!r},m,mm,c,x)")
+    return peak_mib_in_fresh_process(threads, setup_source(spec, batch, seq, device, dtype, checkpoint) +
+                                     f";from circuitbench.bench import _step_fn;s=_step_fn({mode!r},m,mm,c,x)",
+                                     device)
+
+
+def hardware(device, dtype, checkpoint) -> dict:
+    """The fields every benchmark result records about where it ran."""
+    from .models import resolve_device, resolve_dtype
+    from .runner import device_name
+
+    dev = str(resolve_device(device))
+    return {"device": dev, "device_name": device_name(dev),
+            "dtype": str(resolve_dtype(dtype)).replace("torch.", ""), "checkpoint": bool(checkpoint),
+            "torch": torch.__version__}
 
 
 def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
-                     progress=True) -> dict:
-    t = time_modes(spec, batch, seq, threads, repeats, progress=progress)
+                     progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
+    info = hardware(device, dtype, checkpoint)
+    t = time_modes(spec, batch, seq, threads, repeats, progress=progress, device=info["device"], dtype=dtype,
+                   checkpoint=checkpoint)
     result = {
-        "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats,
-        "device": "cpu", "torch": torch.__version__,
+        "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats, **info,
         "plain_s": t["plain"], "plain_frozen_s": t["plain_frozen"], "masked_s": t["masked"],
         "masked_with_corrupted_s": t["masked_with_corrupted"],
         "masked_over_plain": t["masked"] / t["plain"],
@@ -185,7 +231,8 @@ def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repe
     }
     if memory:
         for mode in ("plain", "masked"):
-            result[f"{mode}_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, mode)
+            result[f"{mode}_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, mode, info["device"], dtype,
+                                                       checkpoint)
             if progress:
                 print(f"  {mode:<24} {result[f'{mode}_peak_mib']:9.1f} MiB peak above the loaded model",
                       file=sys.stderr)

@@ -19,20 +19,26 @@ the paired ratios, so load from other processes largely cancels:
   one plain forward+backward.
 
 ``*_frozen`` variants divide by a plain forward+backward with frozen weights (gradient to the input
-embeddings only), the strictest baseline. ``memory`` adds the peak resident memory of an EP step
-and of a plain step, each measured in a fresh process.
+embeddings only), the strictest baseline. ``memory`` adds the peak memory of an EP step and of a
+plain step, each measured in a fresh process. Every ratio comes with the absolute medians
+(``*_s``; ``acdc_trial_s``: the trial ratio times the plain forward's median). On a GPU
+(``device``) every timed region is bracketed by ``torch.cuda.synchronize`` (`circuitbench.bench.timed`).
+
+`ep_step_benchmark` (``circuitbench bench ep-step``) measures one Edge Pruning step of any model in
+absolute terms: seconds per step, peak memory (CUDA: allocated device memory, weights included) and
+`circuitbench.distributed.estimate_memory`'s estimate for the same batch, length, dtype and
+gradient checkpointing, e.g. ``random:codellama-13b`` at the case study's batch 1 in bfloat16.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 from . import metrics
-from .bench import _setup, _step_fn, measure_peak_mib
+from .bench import _setup, _step_fn, hardware, measure_peak_mib, setup_source, timed
 from .tasks.base import Examples, Task
 
 
@@ -67,17 +73,16 @@ def _examples(clean, corrupted, vocab, seed=0) -> Examples:
                     texts=[{} for _ in range(B)])
 
 
-def _once(step) -> float:
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
+def _once(step, device=None) -> float:
+    return timed(step, device)
 
 
-def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
-    """Seconds per Edge Pruning training step, from runs of the method itself (their ``train``
-    phases). The full model's logits are kept either way; ``keep_corrupted=False``
-    leaves too little cache memory for the corrupted activations, so every step redoes the
-    corrupted pass."""
+def _ep_runs(mm, task, examples, keep_corrupted, steps, warmup=False):
+    """(seconds per Edge Pruning training step, the Costs of the two runs it came from), from runs of
+    the method itself (their ``train`` phases). The full model's logits are kept either way;
+    ``keep_corrupted=False`` leaves too little cache memory for the corrupted activations, so every
+    step redoes the corrupted pass. ``warmup``: one untimed 1-step run first (lazy initialisation,
+    e.g. CUDA's libraries, would otherwise fall into the first timed run)."""
     from methods._common import BatchPlan
     from methods.edge_pruning import EdgePruning
 
@@ -85,13 +90,20 @@ def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
 
     probe = BatchPlan(mm, task, examples, len(examples), CostMeter(mm.device), cache_mib=0.0)
     cache_mib = float("inf") if keep_corrupted else probe.reference_mib() * 1.01 + 1e-6
-    train = []
+    del probe
+    costs = []
     # The first step of a run also prepares the batch (the corrupted pass and the full model's logits)
     # that later steps reuse when it is kept: the difference of two runs leaves only later steps.
-    for n in (1, 1 + steps):
+    for n in ((1,) if warmup else ()) + (1, 1 + steps):
         method = EdgePruning(steps=n, ramp_steps=0, batch_size=len(examples), log_every=10**9, cache_mib=cache_mib)
-        train.append(method.discover(mm, task, examples, None, [0.5], progress=False).cost.wall_s["train"])
-    return (train[1] - train[0]) / steps
+        costs.append(method.discover(mm, task, examples, None, [0.5], progress=False).cost)
+    costs = costs[-2:]
+    return (costs[1].wall_s["train"] - costs[0].wall_s["train"]) / steps, costs
+
+
+def _ep_step_seconds(mm, task, examples, keep_corrupted, steps) -> float:
+    """Seconds per Edge Pruning training step (`_ep_runs`)."""
+    return _ep_runs(mm, task, examples, keep_corrupted, steps)[0]
 
 
 def _ep_step_fn(mm, task, examples, keep_corrupted):
@@ -112,7 +124,7 @@ def _eap_fn(mm, task, examples):
     return run
 
 
-def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
+def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, device=None):
     """Per read slot: the ratio of one ACDC trial restarting there to a plain forward timed right
     before it, and the number of edges entering the readers of each slot. The first trial at a
     slot also computes what the slot's trials share (`methods.acdc.Trials`): its extra time is
@@ -142,9 +154,10 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
             def trial():  # a rejected trial: the search goes on from the full model
                 trials.loss(mask, reader, slot)
                 trials.settle(False)
-            base = _once(plain_forward)
-            first[slot] = _once(trial) / base
-            steady[slot] = statistics.median(_once(trial) / _once(plain_forward) for _ in range(repeats))
+            base = _once(plain_forward, device)
+            first[slot] = _once(trial, device) / base
+            steady[slot] = statistics.median(_once(trial, device) / _once(plain_forward, device)
+                                             for _ in range(repeats))
     ratios = {s: steady[s] + max(first[s] - steady[s], 0.0) / weights[s] for s in steady}
     if progress:
         for s, r in ratios.items():
@@ -153,24 +166,25 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress):
     return ratios, weights
 
 
-def _ep_peak_mib(spec, batch, seq, threads) -> float:
+def _ep_peak_mib(spec, batch, seq, threads, device="cpu", dtype=None, checkpoint=False) -> float:
     """Peak memory of one Edge Pruning step (MiB), after a first step has built its state."""
     from .bench import peak_mib_in_fresh_process
 
     return peak_mib_in_fresh_process(threads, (
-        "from circuitbench.bench import _setup;"
+        setup_source(spec, batch, seq, device, dtype, checkpoint) + ";"
         "from circuitbench.bench_methods import _BenchTask,_examples,_ep_step_fn;"
-        f"m,mm,c,x=_setup({spec!r},{batch},{seq});"
-        "s=_ep_step_fn(mm,_BenchTask(),_examples(c,x,m.hf_model.config.vocab_size),True);"
-        "s()"))
+        "s=_ep_step_fn(mm,_BenchTask(),_examples(c.cpu(),x.cpu(),m.hf_model.config.vocab_size),True);"
+        "s()"), device)
 
 
 def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
-                      progress=True) -> dict:
+                      progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
+    info = hardware(device, dtype, checkpoint)
+    dev = info["device"]
     torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq)
+    model, mm, clean, corrupted = _setup(spec, batch, seq, device=dev, dtype=dtype, checkpoint=checkpoint)
     task = _BenchTask()
-    examples = _examples(clean, corrupted, model.hf_model.config.vocab_size)
+    examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
     hf = model.hf_model
 
     def say(name, seconds):
@@ -198,7 +212,7 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     methods = {
         "ep_step": lambda: _ep_step_seconds(mm, task, examples, True, 2),
         "ep_step_with_corrupted": lambda: _ep_step_seconds(mm, task, examples, False, 2),
-        "eap": lambda: _once(eap),
+        "eap": lambda: _once(eap, dev),
     }
     for step in (plain, frozen, forward, eap):  # warm-up
         step()
@@ -207,34 +221,82 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     ratios = {f"{name}_over_{base}": [] for name in methods for base in ("plain", "plain_frozen")}
     for _ in range(repeats):
         for name, run in methods.items():
-            p, f = _once(plain), _once(frozen)
+            p, f = _once(plain, dev), _once(frozen, dev)
             seconds = run()
             samples["plain"].append(p)
             samples["plain_frozen"].append(f)
             samples[name].append(seconds)
             ratios[f"{name}_over_plain"].append(seconds / p)
             ratios[f"{name}_over_plain_frozen"].append(seconds / f)
-        samples["plain_forward"].append(_once(forward))
+        samples["plain_forward"].append(_once(forward, dev))
     t = {name: statistics.median(v) for name, v in samples.items()}
     for name in ("plain", "plain_frozen", "plain_forward", *methods):
         say(name, t[name])
-    slot_ratios, weights = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress)
+    slot_ratios, weights = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress, dev)
     acdc = sum(slot_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
 
     result = {
-        "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats,
-        "device": "cpu", "torch": torch.__version__,
+        "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats, **info,
         **{f"{k}_s": v for k, v in t.items()},
         **{k: statistics.median(v) for k, v in ratios.items()},
         "acdc_trial_over_plain_forward": acdc,
         "acdc_trial_slowest_slot_over_plain_forward": max(slot_ratios.values()),
+        "acdc_trial_s": acdc * t["plain_forward"],
     }
     if memory:
         from .bench import _peak_rss_mib
 
-        result["plain_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, "plain")
-        result["ep_step_peak_mib"] = _ep_peak_mib(spec, batch, seq, threads)
+        result["plain_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, "plain", dev, dtype, checkpoint)
+        result["ep_step_peak_mib"] = _ep_peak_mib(spec, batch, seq, threads, dev, dtype, checkpoint)
         result["memory_ep_over_plain"] = result["ep_step_peak_mib"] / max(result["plain_peak_mib"], 1e-9)
+    return result
+
+
+def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
+                      progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
+    """One Edge Pruning training step on ``spec`` in absolute terms, beside the memory estimate.
+
+    ``ep_step_s``: seconds per step (corrupted activations cached), from a 1-step and a
+    (1 + ``repeats``)-step run of the method after an untimed warm-up run; ``setup_s``: the first run's preparation (corrupted
+    pass and the full model's logits). ``peak_step_mib``: the longer run's peak above the memory
+    held before it (the loaded model); ``peak_total_mib``: with the weights (CUDA: the allocator's
+    peak; CPU: weights + step peak). ``estimate_*``: `circuitbench.distributed.estimate_memory` for
+    one device at this batch, length, dtype and checkpointing. ``memory`` is accepted for the
+    common signature; memory is always measured here (in this process).
+    """
+    from .distributed import config_for_spec, estimate_memory
+
+    info = hardware(device, dtype, checkpoint)
+    dev = info["device"]
+    torch.set_num_threads(threads)
+    model, mm, clean, corrupted = _setup(spec, batch, seq, device=dev, dtype=dtype, checkpoint=checkpoint)
+    task = _BenchTask()
+    examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
+    del clean, corrupted
+    weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+    step_s, costs = _ep_runs(mm, task, examples, True, max(1, repeats), warmup=True)
+    cuda = torch.device(dev).type == "cuda"
+    peak_step = costs[1].peak_memory_mib
+    peak_total = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else (
+        None if peak_step is None else weights / 2**20 + peak_step)
+    result = {"model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": max(1, repeats), **info,
+              "parameters": sum(p.numel() for p in model.hf_model.parameters()), "weights_mib": weights / 2**20,
+              "ep_step_s": step_s, "setup_s": costs[0].wall_s.get("setup", float("nan")),
+              "peak_step_mib": peak_step, "peak_total_mib": peak_total}
+    config = config_for_spec(spec) or model.hf_model.config
+    try:
+        est = estimate_memory(config, 1, batch, seq, info["dtype"], checkpoint)
+    except Exception as err:  # a config the estimate cannot read: report the measurement alone
+        result["estimate_error"] = str(err)
+    else:
+        result.update({f"estimate_{k}_mib": v / 2**20 for k, v in est.items()
+                       if k not in ("edges", "mask_entries", "parameters")})
+        if peak_total:
+            result["estimate_over_measured"] = est["total"] / 2**20 / peak_total
+    if progress:
+        print(f"  ep step on {spec} ({dev}, {info['dtype']}, checkpointing {'on' if checkpoint else 'off'}, "
+              f"batch {batch} x {seq}): {step_s * 1e3:.1f} ms/step, peak {peak_total or float('nan'):.0f} MiB "
+              f"(estimate {result.get('estimate_total_mib', float('nan')):.0f} MiB)", file=sys.stderr)
     return result
 
 

@@ -265,12 +265,11 @@ def shard_model(model, device: str):
 
 # ---- memory estimate -----------------------------------------------------------------------------------
 def codellama_13b_config():
-    """CodeLlama-13B(-Instruct)'s transformers config, from its published shape (no hub access)."""
-    from transformers import LlamaConfig
+    """CodeLlama-13B(-Instruct)'s transformers config, from its published shape (no hub access; the
+    shape of ``random:codellama-13b``)."""
+    from .models import random_config
 
-    return LlamaConfig(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, hidden_size=5120,
-                       intermediate_size=13824, vocab_size=32016, max_position_embeddings=16384,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return random_config("codellama-13b")
 
 
 KNOWN_CONFIGS = {"codellama/CodeLlama-13b-Instruct-hf": codellama_13b_config,
@@ -285,13 +284,8 @@ def config_for_spec(spec: str):
     if spec in KNOWN_CONFIGS:
         return KNOWN_CONFIGS[spec]()
     if spec.startswith("random:"):
-        shape = models.RANDOM_SHAPES.get(spec.split(":", 1)[1])
-        if shape is None:
-            return None
-        family, kwargs = shape
-        from transformers import GPT2Config, LlamaConfig
-
-        return (LlamaConfig if family == "llama" else GPT2Config)(**kwargs)
+        name = spec.split(":", 1)[1]
+        return models.random_config(name) if name in models.RANDOM_SHAPES else None
     if spec == "smollm2-135m":
         from transformers import LlamaConfig
 

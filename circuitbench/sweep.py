@@ -328,12 +328,28 @@ class Reference:
     n_validation: int | None = None  # the test split is drawn after the validation split
 
 
+def _tokenizer_tag(model: str) -> str | None:
+    """The tokenizer a job records in its id when it is not the model's usual one: "synthetic" for a
+    random model under ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic``; None otherwise."""
+    if not model.startswith("random:"):
+        return None
+    from . import models
+
+    name = model.split(":", 1)[1]
+    if name not in models.RANDOM_SHAPES:
+        return None
+    tok = models.random_tokenizer(name)
+    return tok if tok != "smollm2" else None
+
+
 def reference_for(task, model, dtype, device, data_seed, eval_limit, eval_batch_size,
-                  n_validation=None) -> Reference:
+                  n_validation=None, tokenizer=None) -> Reference:
     key = {"v": HASH_VERSION, "kind": "reference", "task": task, "model": model, "dtype": dtype,
            "device": device, "data_seed": data_seed, "eval_limit": eval_limit}
     if n_validation is not None:  # keeps the ids of default-size splits unchanged
         key["n_validation"] = n_validation
+    if tokenizer is not None:
+        key["tokenizer"] = tokenizer
     return Reference(config_hash(key), task, model, dtype, device, data_seed, eval_limit, eval_batch_size,
                      n_validation)
 
@@ -454,7 +470,11 @@ class Sweep:
             if cut not in CUTS:
                 raise UserError(f"unknown cut {cut!r}; choose one of {', '.join(CUTS)}")
             for model in models:
-                ref = reference_for(task_name, model, dtype, device, data_seed, eval_limit, eval_bs, n_validation)
+                # random models built with the synthetic tokenizer tokenise the tasks differently:
+                # their results must not share ids with the SmolLM2-tokenised ones
+                tokenizer = _tokenizer_tag(model)
+                ref = reference_for(task_name, model, dtype, device, data_seed, eval_limit, eval_bs, n_validation,
+                                    tokenizer)
                 refs.setdefault(ref.ref_id, ref)
                 for method_name, cls in method_classes.items():
                     overrides = self.method_overrides(method_name, task_name)
@@ -473,6 +493,8 @@ class Sweep:
                                     config["targets"] = list(group)  # one run trains them all (a path)
                                 if cls.produces == "scores":
                                     config["cut"] = cut
+                                if tokenizer is not None:
+                                    config["tokenizer"] = tokenizer
                                 job_id = config_hash(config)
                                 if job_id in jobs:  # the same job from two per-task entries: merge grids
                                     old = jobs[job_id]

@@ -111,7 +111,7 @@ class _Patcher:
             with torch.no_grad():
                 if self.family == "gpt2":
                     tr = self.hf.transformer
-                    outs["input"] = (tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))[None]).detach()
+                    outs["input"] = (tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device))[None]).detach()
                 else:
                     outs["input"] = self.hf.model.embed_tokens(ids).detach()
                 self.hf(ids)

@@ -172,3 +172,12 @@ def test_tracr_tasks_default_to_their_ground_truth_sparsity():
     assert [j.target_sparsity for j in jobs] == [pytest.approx(1 - 5 / 23)]
     asked, _ = Sweep.build(flags={"methods": "ep", "tasks": "tracr-xproportion", "sparsities": "0.5"}).plan()
     assert [j.target_sparsity for j in asked] == [0.5]
+
+
+def test_the_synthetic_tokenizer_gets_jobs_of_their_own(monkeypatch):
+    flags = {"methods": "eap", "tasks": "ioi-t1", "models": "random:gpt2-tiny", "method_preset": "smoke"}
+    usual, usual_refs = Sweep.build(flags=flags).plan()
+    monkeypatch.setenv("CIRCUITBENCH_RANDOM_TOKENIZER", "synthetic")
+    synthetic, synthetic_refs = Sweep.build(flags=flags).plan()
+    assert "tokenizer" not in usual[0].config and synthetic[0].config["tokenizer"] == "synthetic"
+    assert usual[0].job_id != synthetic[0].job_id and usual_refs[0].ref_id != synthetic_refs[0].ref_id

@@ -1,4 +1,5 @@
-"""`circuitbench graph --model SPEC [--circuit FILE] [--json]`: the model's edge graph (and a circuit's size)."""
+"""`circuitbench graph --model SPEC [--circuit FILE] [--json]`: the model's edge graph (and a circuit's size);
+random shapes come from their config alone, so `random:codellama-13b` allocates no weights."""
 from __future__ import annotations
 
 import json
@@ -16,10 +17,14 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..models import load_model
+    from .. import models
 
-    model = load_model(args.model)
-    g = model.graph
+    name = args.model.strip().split(":", 1)[1] if args.model.strip().startswith("random:") else None
+    if name in models.RANDOM_SHAPES:  # the shape is enough: no weights (random:codellama-13b's are 26 GB)
+        g, family = models.random_graph(name), models.RANDOM_SHAPES[name][0]
+    else:
+        model = models.load_model(args.model)
+        g, family = model.graph, model.family
     out = {"model": args.model, **g.summary()}
     if args.names:
         out["writer_names"], out["reader_names"] = g.writer_names, g.reader_names
@@ -29,7 +34,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"model    {args.model} ({model.family}, {g.n_layers} layers, {g.n_heads} heads, {g.kv_heads} kv heads)")
+    print(f"model    {args.model} ({family}, {g.n_layers} layers, {g.n_heads} heads, {g.kv_heads} kv heads)")
     print(f"writers  {g.n_writers}")
     print(f"readers  {g.n_readers}")
     print(f"edges    {g.n_edges}")

@@ -2,7 +2,13 @@
 
 Specs:
 - ``random:gpt2-small`` / ``random:gpt2-tiny`` / ``random:llama-tiny``: seeded random weights of a
-  named shape, for tests and speed benchmarks (they use the SmolLM2 tokenizer when one is needed);
+  named shape, for tests and speed benchmarks. They use the SmolLM2 tokenizer when one is needed,
+  or with ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic`` a tokenizer built offline from the task
+  source files (`synthetic_tokenizer`), so they need no download;
+- ``random:codellama-13b``: CodeLlama-13B's shape (40 layers, 40 heads, d_model 5120), built
+  directly on the target device in the target dtype (about 26 GB in bfloat16; never on the CPU
+  first, never downloaded), always with the synthetic tokenizer (its vocabulary has 32,016
+  tokens); for measuring a real-sized step on one GPU (``scripts/gpu-check``);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct, embedded offline (see `smollm2`);
 - ``tracr:xproportion`` / ``tracr:reverse``: compiled Tracr programs (see `circuitbench.tracr`);
 - a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2 or Llama families.
@@ -31,7 +37,19 @@ RANDOM_SHAPES = {
                                  hidden_size=64, intermediate_size=128, vocab_size=49152,
                                  max_position_embeddings=256, tie_word_embeddings=False,
                                  initializer_range=0.1)),
+    # CodeLlama-13B(-Instruct)'s published shape (no grouped-query attention)
+    "codellama-13b": ("llama", dict(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                    hidden_size=5120, intermediate_size=13824, vocab_size=32016,
+                                    max_position_embeddings=16384, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+                                    tie_word_embeddings=False)),
 }
+# Shapes too large to build on the CPU and move: built on the target device in the target dtype
+# (so their weights differ from a CPU build's under the same seed).
+RANDOM_ON_DEVICE = ("codellama-13b",)
+# The tokenizer of each random shape: "smollm2" (default; overridden by the environment variable
+# below) or "synthetic" (`synthetic_tokenizer`: offline, built from the task source files).
+RANDOM_TOKENIZERS = {"codellama-13b": "synthetic"}
+RANDOM_TOKENIZER_ENV = "CIRCUITBENCH_RANDOM_TOKENIZER"
 EMBEDDED = ("smollm2-135m",)
 TRACR_PROGRAMS = ("xproportion", "reverse")
 SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
@@ -118,19 +136,94 @@ def _smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(ensure_converted()))
 
 
-def _random_model(name, seed, device, dtype):
+def random_tokenizer(name) -> str:
+    """Which tokenizer random shape ``name`` uses: "smollm2" or "synthetic" (see `RANDOM_TOKENIZERS`
+    and the environment variable `RANDOM_TOKENIZER_ENV`)."""
+    choice = os.environ.get(RANDOM_TOKENIZER_ENV, "").strip().lower() or "smollm2"
+    if choice not in ("smollm2", "synthetic"):
+        raise UserError(f"{RANDOM_TOKENIZER_ENV}={choice!r}: choose smollm2 or synthetic")
+    return RANDOM_TOKENIZERS.get(name, choice)
+
+
+def _random_tokenizer_loader(name):
+    """The tokenizer loader of random shape ``name`` (`random_tokenizer`)."""
+    if random_tokenizer(name) == "synthetic":
+        from .synthetic_tokenizer import synthetic_tokenizer
+        return synthetic_tokenizer
+
+    def smollm2():
+        try:
+            return _smollm2_tokenizer()
+        except UserError as err:
+            raise UserError(f"{err}; or set {RANDOM_TOKENIZER_ENV}=synthetic to give random models a "
+                            f"tokenizer built offline from the task files") from None
+    return smollm2
+
+
+def random_config(name):
+    """The transformers config of random shape ``name`` (no weights)."""
     if name not in RANDOM_SHAPES:
         raise UserError(f"unknown random model {name!r}; choose one of "
                         f"{', '.join('random:' + n for n in RANDOM_SHAPES)}")
     family, kwargs = RANDOM_SHAPES[name]
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, LlamaConfig
+    return (GPT2Config if family == "gpt2" else LlamaConfig)(**kwargs)
+
+
+def random_graph(name) -> Graph:
+    """The edge graph of random shape ``name``, from its config alone (nothing allocated)."""
+    cfg = random_config(name)
+    if RANDOM_SHAPES[name][0] == "gpt2":
+        return Graph(cfg.n_layer, cfg.n_head, None, True)
+    return Graph(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, True)
+
+
+def _free_bytes(device) -> int | None:
+    """Memory free for new tensors on ``device`` (CUDA: the driver's count; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _random_model_on_device(name, cfg, seed, device, dtype):
+    """Build a large random model directly on ``device`` in ``dtype`` (never a float32 CPU copy)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cls = GPT2LMHeadModel if RANDOM_SHAPES[name][0] == "gpt2" else LlamaForCausalLM
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in cls(cfg).parameters())
+    need, free = n_params * torch.finfo(dtype).bits // 8, _free_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"random:{name} needs {need / 2**30:.1f} GiB for its {n_params / 1e9:.1f}B weights in "
+                        f"{str(dtype).replace('torch.', '')} on {device}; only {free / 2**30:.1f} GiB are free")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                hf = cls(cfg)
+        finally:
+            torch.set_default_dtype(default)
+    return _freeze(hf, device, dtype)
+
+
+def _random_model(name, seed, device, dtype):
+    cfg = random_config(name)
+    if name in RANDOM_ON_DEVICE:
+        return _random_model_on_device(name, cfg, seed, device, dtype)
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        if family == "gpt2":
-            hf = GPT2LMHeadModel(GPT2Config(**kwargs))
-        else:
-            hf = LlamaForCausalLM(LlamaConfig(**kwargs))
+        hf = (GPT2LMHeadModel if RANDOM_SHAPES[name][0] == "gpt2" else LlamaForCausalLM)(cfg)
     finally:
         torch.random.set_rng_state(gen_state)
     return _freeze(hf, device, dtype)
@@ -185,8 +278,10 @@ def load_model(spec: str, device=None, dtype=None, seed: int = 0) -> LoadedModel
     device = resolve_device(device if device is not None else "cpu")
     dtype = resolve_dtype(dtype)
     if spec.startswith("random:"):
-        hf = _random_model(spec.split(":", 1)[1], seed, device, dtype)
-        return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=_smollm2_tokenizer)
+        name = spec.split(":", 1)[1]
+        loader = _random_tokenizer_loader(name) if name in RANDOM_SHAPES else None
+        hf = _random_model(name, seed, device, dtype)
+        return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=loader)
     if spec.startswith("tracr:"):
         name = spec.split(":", 1)[1]
         if name not in TRACR_PROGRAMS:
