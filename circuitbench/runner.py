@@ -469,6 +469,94 @@ def assumed_forward_s(model: str, device: str, batch: int) -> float | None:
     return ASSUMED_LAYER_OVERHEAD_S[device] * L + flops / ASSUMED_FLOPS[device]
 
 
+# A dry run times the real model when it has no measurement in the store and the model is small enough
+# to load here in seconds: one masked forward (evaluation) and one masked forward + backward to the
+# masks (a training step) on a batch of the task's own examples.
+PROBE_MAX_PARAMS = 2e9
+_PROBED: dict = {}
+
+
+def _loads_without_download(model: str) -> bool:
+    """Whether ``model`` (and its tokenizer) load from this machine alone: a dry run never downloads."""
+    from . import models
+    from .models import smollm2
+
+    if model.startswith("tracr:"):
+        return True
+    if model.startswith("random:"):
+        name = model.split(":", 1)[1]
+        return name in models.RANDOM_SHAPES and name not in models.RANDOM_ON_DEVICE and (
+            models.random_tokenizer(name) == "synthetic" or smollm2.is_converted())
+    if model in models.EMBEDDED:
+        return smollm2.is_converted()
+    return False
+
+
+PROBE_BATCH = 8
+
+
+def probe_pass_s(model: str, task_name: str, device: str, dtype: str, batch: int) -> tuple[float, float] | None:
+    """(seconds of one masked forward without autograd, seconds of one masked forward + backward to the
+    edge masks) on ``batch`` training examples of ``task_name``: measured now on `PROBE_BATCH` of them
+    (after a warm-up) and scaled by the batch size; None for a model too large to probe or one that
+    cannot be loaded without a download."""
+    key = (model, task_name, device, dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(model, task_name, device, dtype)
+    if _PROBED[key] is None:
+        return None
+    per_forward, per_step = _PROBED[key]
+    return per_forward * batch, per_step * batch
+
+
+def _probe(model: str, task_name: str, device: str, dtype: str) -> tuple[float, float] | None:
+    """Seconds per example of a masked forward and of a masked forward + backward (`probe_pass_s`)."""
+    import torch
+
+    from .tasks import get_task
+
+    batch = PROBE_BATCH
+    shape = model_shape(model)
+    if shape is None or shape[4] > PROBE_MAX_PARAMS or not _loads_without_download(model):
+        return None
+    try:
+        loaded, engine = _model_and_engine(model, device, dtype)
+        task = get_task(task_name)
+        examples = task.build(loaded.tokenizer, seed=0, n_train=batch).train
+        b = examples.select(torch.arange(min(batch, len(examples)))).to(loaded.device)
+    except UserError:
+        return None
+    ablation = getattr(task, "ablation", "interchange")
+    g = loaded.graph
+
+    def timed(fn):
+        sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) / len(b)
+
+    with torch.no_grad():
+        cache = engine.corrupted_cache(b.corrupted, b.attention_mask, ablation=ablation)
+        reference = engine.reference(b.clean, b.attention_mask, positions=b.positions)
+    mask = torch.ones(g.n_writers, g.n_readers, device=loaded.device, dtype=engine.dtype)
+
+    def forward():
+        with torch.no_grad():
+            engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
+                   ablation=ablation, corrupted=cache)
+
+    def step():
+        m = mask.clone().requires_grad_(True)
+        logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=m, positions=b.positions,
+                        ablation=ablation, corrupted=cache)
+        task.loss(logits, reference, b).float().mean().backward()
+
+    return timed(forward), timed(step)
+
+
 def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, int, str]:
     """(forward, backward, batch size, how) a job is expected to spend, in passes over a batch.
 
@@ -530,13 +618,16 @@ def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
     return by_config, per_example
 
 
-def estimate_plan(plan: Plan, store: ResultsStore | None) -> tuple[float, list[tuple[Unit, float, str]]]:
+def estimate_plan(plan: Plan, store: ResultsStore | None,
+                  probe: bool = False) -> tuple[float, list[tuple[Unit, float, str]]]:
     """Estimated seconds per unit and in total (see the cost model above).
 
     A job whose exact configuration (method settings, task, model, n_train, device) the store
     already ran takes that run's mean wall time ("measured"). Otherwise its planned passes
     (`planned_passes`) x seconds per pass: measured from the store's jobs of the same method,
-    model and device when there are some, else assumed (`assumed_forward_s`). Every circuit's
+    model and device when there are some; else, with ``probe``, measured now on the model and a
+    batch of the task (`probe_pass_s`, models up to `PROBE_MAX_PARAMS`); else assumed
+    (`assumed_forward_s`). Every circuit's
     evaluation adds three passes (reference, corrupted, masked) per test batch; a reference unit
     four.
     """
@@ -554,10 +645,16 @@ def estimate_plan(plan: Plan, store: ResultsStore | None) -> tuple[float, list[t
         eval_batch = min(item.eval_batch_size, max(n_test, 1))
         eval_batches = math.ceil(n_test / eval_batch)
 
-        def seconds(kind: str, batch: int):
+        def seconds(kind: str, batch: int, backward: bool = False):
+            """Seconds of one pass (a training step is a forward and a backward: 1 + 2 passes;
+            ``backward``: the pass is part of such a step)."""
             rates = per_example.get((kind, item.model, dev))
             if rates:
-                return float(np.median(rates)) * batch, "measured"
+                return float(np.median(rates)) * batch, "measured (stored jobs)"
+            probed = probe_pass_s(item.model, item.task, plan.device, plan.dtype, batch) if probe else None
+            if probed is not None:
+                forward, step = probed
+                return (step / 3 if backward else forward), "measured now"
             s = assumed_forward_s(item.model, dev, batch)
             return (s, "assumed") if s is not None else (None, "unknown model shape")
 
@@ -582,7 +679,7 @@ def estimate_plan(plan: Plan, store: ResultsStore | None) -> tuple[float, list[t
                     from .graph import Graph
                     n_edges = Graph(*shape[:3]).n_edges
                 fwd, bwd, batch, what = planned_passes(job, n_edges)
-                pass_s, basis = seconds(job.method, batch)
+                pass_s, basis = seconds(job.method, batch, backward=bwd > 0)
                 secs = secs + (fwd + 2 * bwd) * pass_s if pass_s is not None else float("nan")
                 how = f"{what} x {basis} pass time"
         out.append((unit, secs, how))
@@ -639,7 +736,7 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
 
     if dry_run:
         try:
-            total, per_unit = estimate_plan(plan, store)
+            total, per_unit = estimate_plan(plan, store, probe=True)
         finally:
             if store is not None:
                 store.close()
@@ -770,7 +867,9 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
     print("how: per job, its planned passes (gradient steps; ACDC: one trial per edge and batch, an upper "
           "bound; one pass per batch for attribution) x the time of one pass, plus three passes per test "
           "batch for each circuit's evaluation. Pass times are measured from this store's finished jobs of "
-          "the same method, model and device when it has some; otherwise assumed from the model's size "
+          "the same method, model and device when it has some; otherwise measured now on the model (one masked "
+          "forward, and one forward + backward to the masks, on a batch of the task; models up to "
+          f"{PROBE_MAX_PARAMS / 1e9:.0f}B parameters); otherwise assumed from the model's size "
           f"({ASSUMED_FLOPS['cpu'] / 1e9:.0f} GFLOP/s on a CPU, {ASSUMED_FLOPS['cuda'] / 1e12:.0f} TFLOP/s "
           "on a GPU). A configuration already run here takes its measured time.", file=out)
     from .distributed import memory_lines
