@@ -158,18 +158,23 @@ def _evaluate(model, task, circuit, item, test, progress, references=False):
 
 
 def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
-    """Evaluate each circuit on ``test``; returns (runs, metrics, circuit dicts)."""
+    """Evaluate the circuits on ``test`` (sharing each batch's reference and corrupted passes);
+    returns (runs, metrics, circuit dicts)."""
+    from .evaluate import evaluate_many
+
     runs, metrics, files = [], {}, {}
     graph = model.graph
+    for s in circuits:
+        if circuits[s].graph != graph:
+            raise RuntimeError(f"the method returned a circuit over a different graph at sparsity {s}")
+    scored = evaluate_many(model, task, circuits, split="test", batch_size=job.eval_batch_size,
+                           limit=job.eval_limit, seed=job.data_seed, progress=progress, examples=test)
     for s in sorted(circuits):
         circuit = circuits[s]
-        if circuit.graph != graph:
-            raise RuntimeError(f"the method returned a circuit over a different graph at sparsity {s}")
         run_id = run_id_for(job.job_id, s)
-        t0 = time.perf_counter()
-        values, n_examples = _evaluate(model, task, circuit, job, test, progress)
-        metrics[run_id] = {"test": values}
-        eval_s = time.perf_counter() - t0
+        values = dict(scored[s])
+        n_examples, eval_s = int(values.pop("n_examples")), values.pop("eval_s")
+        metrics[run_id] = {"test": {k: float(v) for k, v in values.items()}}
         data = circuit.to_dict()
         data.pop("scores", None)  # scores are stored once per job, not per circuit
         data["meta"] = {**data.get("meta", {}), "job_id": job.job_id, "run_id": run_id, "method": job.method,

@@ -20,6 +20,10 @@ data_seed           --data-seed N                seed of the task's data (defaul
 method_preset       --method-preset NAME         which preset of every method (paper/quick/smoke)
 method_config       --set ep.steps=100           per-method hyperparameter overrides
                                                  (TOML: ``[method_config.ep]`` with ``steps = 100``)
+per_method          (file only)                  seeds and training-set sizes of one method, over
+                                                 the sweep's (``[per_method.acdc]`` with
+                                                 ``n_train = [16]``; ``[per_method.eap]`` with
+                                                 ``seeds = [0]``)
 cut                 --cut effective|edges        how a score method's ranking becomes a circuit at a
                                                  sparsity: the top edges until 1 - sparsity of the
                                                  graph's edges are *effective* (on an input -> logits
@@ -81,6 +85,7 @@ KEYS = {
     "data_seed": "int",
     "method_preset": "str",
     "method_config": "method_config",
+    "per_method": "per_method",
     "cut": "str",
     "eval_limit": "int",
     "eval_batch_size": "int",
@@ -90,6 +95,7 @@ KEYS = {
     "backend": "str",
     "results": "str",
 }
+PER_METHOD_KEYS = ("seeds", "n_train")  # what [per_method.NAME] may set
 PER_TASK_KEYS = ("methods", "models", "sparsities", "n_train", "n_validation", "seeds", "eval_limit",
                  "method_config")
 DEFAULTS = {
@@ -191,6 +197,17 @@ def _parse_value(key: str, value, where: str):
         return _parse_list(value, kind[5:], label)
     if kind == "sparsities":
         return parse_sparsities(value, label)
+    if kind == "per_method":
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise UserError(f"{label}: expected tables per method, e.g. [per_method.acdc] with n_train = [16]")
+        out = {}
+        for method, table in value.items():
+            unknown = sorted(set(table) - set(PER_METHOD_KEYS))
+            if unknown:
+                raise UserError(f"{label}.{method}: unknown key(s) {', '.join(unknown)}; allowed: "
+                                f"{', '.join(PER_METHOD_KEYS)}")
+            out[method] = {k: _parse_list(v, "int", f"{label}.{method}.{k}") for k, v in table.items()}
+        return out
     if kind == "method_config":
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise UserError(f"{label}: expected tables of hyperparameters per method, e.g. [method_config.ep]")
@@ -408,6 +425,14 @@ class Sweep:
                 return src.top[key]
         return None
 
+    def per_method(self, method: str) -> dict:
+        """The sweep settings one method overrides (``[per_method.NAME]``: seeds, n_train), later
+        sources winning."""
+        out = {}
+        for src in self.sources:
+            out.update(src.top.get("per_method", {}).get(method, {}))
+        return out
+
     def method_overrides(self, method: str, task: str) -> dict:
         out = {}
         for src in self.sources:
@@ -449,15 +474,19 @@ class Sweep:
             sparsities = self._sparsities_for(task_name, task, models)
             n_validation = self.get("n_validation", task_name)
             sizes = {"validation": n_validation} if n_validation is not None else None
-            n_trains = self.get("n_train", task_name) or [None]
-            resolved_n = []
-            for n in n_trains:
-                if n is not None and n < 1:
-                    raise UserError(f"n_train must be at least 1, got {n}")
-                try:
-                    resolved_n.append(int(task.resolve_sizes(n, sizes)["train"]))
-                except ValueError as err:
-                    raise UserError(f"{task_name}: {err}") from None
+
+            def resolve_n(n_trains):
+                resolved = []
+                for n in n_trains or [None]:
+                    if n is not None and n < 1:
+                        raise UserError(f"n_train must be at least 1, got {n}")
+                    try:
+                        resolved.append(int(task.resolve_sizes(n, sizes)["train"]))
+                    except ValueError as err:
+                        raise UserError(f"{task_name}: {err}") from None
+                return resolved
+
+            resolved_n = resolve_n(self.get("n_train", task_name))
             seeds = self.get("seeds", task_name)
             data_seed = int(self.get("data_seed", task_name))
             eval_limit = self.get("eval_limit", task_name)
@@ -480,8 +509,10 @@ class Sweep:
                     overrides = self.method_overrides(method_name, task_name)
                     mcfg = resolved_method_config(cls, method_preset, overrides, task)
                     targets = cls.target_groups(mcfg, sparsities)
-                    for n_train in resolved_n:
-                        for seed in seeds:
+                    own = self.per_method(method_name)
+                    method_n = resolve_n(own["n_train"]) if "n_train" in own else resolved_n
+                    for n_train in method_n:
+                        for seed in own.get("seeds", seeds):
                             for group in targets:
                                 target = group[0] if cls.produces == "circuits" and len(group) == 1 else None
                                 config = {"v": HASH_VERSION, "method": method_name, "method_preset": method_preset,

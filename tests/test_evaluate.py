@@ -161,3 +161,25 @@ def test_cli_user_errors(tmp_path, capsys):
     assert main(["evaluate", "--task", "ioi-t1", "--model", "random:gpt2-tiny",
                  "--circuit", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_many_equals_one_circuit_at_a_time():
+    """Several circuits scored together share each batch's reference and corrupted passes and get
+    exactly the values each gets alone."""
+    import torch
+
+    from circuitbench import load_model
+    from circuitbench.circuit import Circuit
+    from circuitbench.evaluate import evaluate, evaluate_many
+
+    model = load_model("random:gpt2-tiny")
+    g = model.graph
+    scores = torch.rand(g.n_writers, g.n_readers, generator=torch.Generator().manual_seed(0))
+    circuits = {s: Circuit.from_sparsity(g, scores, s) for s in (0.5, 0.9)}
+    circuits["empty"] = Circuit.empty(g)
+    together = evaluate_many(model, "ioi-t1", circuits, limit=20, batch_size=8, progress=False, references=True)
+    for key, circuit in circuits.items():
+        alone = evaluate(model, "ioi-t1", circuit, limit=20, batch_size=8, progress=False, references=True)
+        got = dict(together[key])
+        assert got.pop("eval_s") > 0
+        assert got == alone

@@ -181,3 +181,16 @@ def test_the_synthetic_tokenizer_gets_jobs_of_their_own(monkeypatch):
     synthetic, synthetic_refs = Sweep.build(flags=flags).plan()
     assert "tokenizer" not in usual[0].config and synthetic[0].config["tokenizer"] == "synthetic"
     assert usual[0].job_id != synthetic[0].job_id and usual_refs[0].ref_id != synthetic_refs[0].ref_id
+
+
+def test_per_method_seeds_and_training_sizes(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('methods = ["ep", "eap", "acdc"]\ntasks = ["ioi-t1"]\nmodels = ["random:gpt2-tiny"]\n'
+                    'sparsities = [0.9]\nseeds = [0, 1, 2]\nn_train = [20]\nmethod_preset = "smoke"\n'
+                    '[per_method.eap]\nseeds = [0]\n[per_method.acdc]\nseeds = [0]\nn_train = [8]\n')
+    jobs, _ = Sweep.build(config=str(path)).plan()
+    got = sorted((j.method, j.seed, j.n_train) for j in jobs)
+    assert got == [("acdc", 0, 8), ("eap", 0, 20), ("ep", 0, 20), ("ep", 1, 20), ("ep", 2, 20)]
+    path.write_text('methods = ["eap"]\ntasks = ["ioi-t1"]\n[per_method.eap]\nsteps = [3]\n')
+    with pytest.raises(UserError, match="unknown key.*steps; allowed: seeds, n_train"):
+        Sweep.build(config=str(path))
