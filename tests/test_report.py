@@ -385,7 +385,7 @@ def test_build_report_writes_every_file(store_dir, report):
     assert all((out / "figures" / f"{d}.pdf").exists() for d in diagrams)
     # this store's jobs logged no training curves (see test_training_curves_from_stored_logs)
     assert set(summary["missing"]) == {"figures/edge_faithfulness", "tables/edge_faithfulness",
-                                       "tables/edge_faithfulness_edges", "figures/training"}
+                                       "tables/edge_faithfulness_edges", "figures/training", "tables/training"}
 
 
 def test_index_page_shows_everything_and_the_runs(store_dir, report):
@@ -578,6 +578,14 @@ def test_training_curves_from_stored_logs(tmp_path):
     notes = [t.get_text() for t in panels[0].texts]
     assert notes == ["0.5: max_steps", "0.9: converged"]
     assert sorted(arts[0].run_ids) == ["bbbb000000000000", "bbbb000000000001"]
+    # the table: one row per circuit of a trained job, with its stage's steps and stop
+    from circuitbench.report.training import training_table
+
+    table = training_table(data).table
+    assert len(table) == 4 and set(table["schedule"]) == {"path"}
+    row = table[(table["seed"] == 1) & (table["target"] == 0.9)].iloc[0]
+    assert (row["steps"], row["stop"], row["run steps"]) == (20, "converged", 40)
+    assert row["test kl"] == pytest.approx(0.9)  # make_job's metric: kl = the target sparsity
     data.store.close()
 
 

@@ -115,7 +115,7 @@ def training_curves(data: ReportData):
         n = len(jobs)
         ncols = min(n, 3)
         nrows = math.ceil(n / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows + 0.5), squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows + 0.6), squeeze=False)
         flat = list(axes.flat)
         for ax in flat[n:]:
             ax.set_visible(False)
@@ -124,10 +124,11 @@ def training_curves(data: ReportData):
             right = _panel(ax, job, colours)
         handles = flat[0].get_legend_handles_labels()
         more = right.get_legend_handles_labels() if right is not None else ([], [])
-        fig.legend(handles[0] + more[0], handles[1] + more[1], loc="lower center", ncol=4, frameon=False)
+        legend = fig.legend(handles[0] + more[0], handles[1] + more[1], loc="lower center", ncol=4, frameon=False,
+                            bbox_to_anchor=(0.5, 0.0), borderaxespad=0.2)
         methods = ", ".join(sorted(set(jobs["method"])))
         fig.suptitle(f"Training curves: {methods} on {task}, {model}", y=0.995)
-        fig.tight_layout(rect=(0, 0.4 / fig.get_size_inches()[1], 1, 1))
+        style.fit_panels(fig, legend)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}_{model}")
         art = Artifact(name=f"training_{slug}", title=f"Training curves: {task}, {model}", section="training",
                        figure=fig,
@@ -140,3 +141,50 @@ def training_curves(data: ReportData):
                                 "step cap)."))
         art.run_ids = list(jobs["job_id"])
         yield art
+
+
+def training_table(data: ReportData) -> Artifact:
+    """One row per circuit of a gradient-trained job: its schedule, the steps its run (or stage) took
+    and how it ended, the training seconds, and the circuit's size and test metrics, so schedules and
+    budgets can be compared at equal effective edges."""
+    import pandas as pd
+
+    from .data import method_sort_key, performance_metric
+
+    art = Artifact(kind="table", name="training", title="Training runs: steps, stops and results", section="training",
+                   caption="Per circuit of a gradient-trained job (Edge Pruning): the schedule (independent: one run "
+                           "per target; path: one run through the targets in increasing order), the steps of its "
+                           "run or stage and how it ended (converged: the stopping rule; max_steps: the cap), the "
+                           "steps of the whole run up to the end of that stage, the training seconds of the stage, "
+                           "the circuit's edges and effective edges, and its test KL and task metric.")
+    logs = data.store.job_logs()
+    rows = []
+    for job in logs.itertuples(index=False):
+        targets = (job.info or {}).get("targets") or {}
+        if not targets or not _rows(job.log):
+            continue
+        runs = data.runs[data.runs["job_id"] == job.job_id]
+        for run in runs.to_dict(orient="records"):
+            info = next((v for k, v in targets.items() if abs(float(k) - float(run["target_sparsity"])) < 1e-9),
+                        None)
+            if not isinstance(info, dict):
+                continue
+            perf = performance_metric(data.test_metrics(job.task))
+            rows.append({
+                "task": job.task, "model": job.model, "method": job.method,
+                "schedule": (job.info or {}).get("schedule", "independent"), "n_train": job.n_train,
+                "seed": job.seed, "target": float(run["target_sparsity"]), "steps": info.get("steps"),
+                "stop": info.get("stop"), "run steps": info.get("run_steps"),
+                "train s": info.get("train_s"), "edges": int(run["n_edges"]),
+                "effective edges": int(run["n_effective"]), "test kl": run.get("test/kl"),
+                **({f"test {perf}": run.get(f"test/{perf}")} if perf else {}),
+            })
+            art.run_ids.append(run["run_id"])
+    if not rows:
+        art.reason = "no job in the store logged a training run (only gradient-trained methods such as Edge Pruning do)"
+        return art
+    table = pd.DataFrame(rows)
+    table = table.sort_values(["task", "model", "method", "schedule", "n_train", "seed", "target"],
+                              key=lambda c: c.map(method_sort_key) if c.name == "method" else c)
+    art.table = table.reset_index(drop=True)
+    return art
