@@ -607,3 +607,24 @@ def test_figures_place_runs_by_effective_edges(tmp_path):
     assert x == pytest.approx(1 - (runs[0]["n_edges"] // 2) / runs[0]["total_edges"])
     assert ax.get_xlabel() == "effective sparsity" and "effective sparsity" in art.caption
     data.store.close()
+
+
+def test_path_and_warm_start_runs_are_series_of_their_own(tmp_path):
+    from test_store import make_job
+
+    from circuitbench.report import figures
+    from circuitbench.report.data import load_report_data
+
+    store = ResultsStore(tmp_path)
+    for i, cfg in enumerate(({"schedule": "independent"}, {"schedule": "path"},
+                             {"schedule": "independent", "warm_start": "eap-ig"})):
+        job, runs, metrics, circuits, scores = make_job(f"dddd00000000000{i}", method="ep")
+        job["method_config"] = cfg
+        store.record_job(job, runs, metrics, circuits, None)
+    store.close()
+    data = load_report_data(tmp_path)
+    assert sorted(set(data.runs["method_preset"])) == ["smoke", "smoke, path", "smoke, warm eap-ig"]
+    labels = sorted(l.get_label() for ax in figures.faithfulness(data).figure.axes for l in ax.get_lines()
+                    if l.get_gid() == "series")
+    assert labels == ["ep (smoke)", "ep (smoke, path)", "ep (smoke, warm eap-ig)"]
+    data.store.close()

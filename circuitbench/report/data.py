@@ -104,6 +104,17 @@ def _config(text) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _variant(method_config: dict) -> str:
+    """How a job ran its method when it is not the method's plain way: "path" (Edge Pruning's
+    sparsity path), "warm <method>" (a warm start); "" otherwise."""
+    parts = []
+    if method_config.get("schedule") == "path":
+        parts.append("path")
+    if method_config.get("warm_start"):
+        parts.append(f"warm {method_config['warm_start']}")
+    return ", ".join(parts)
+
+
 @dataclass
 class ReportData:
     """The store's contents as the report needs them.
@@ -241,4 +252,9 @@ def load_report_data(results_dir) -> ReportData:
     derived = runs[is_derived].reset_index(drop=True)
     runs = runs[~is_derived].reset_index(drop=True)
     runs["method_preset"] = runs["method_preset"].fillna("")
+    if len(runs):
+        # a method run another way (Edge Pruning's path, a warm start) is a series of its own: the
+        # variant rides on the preset, so lines, markers and table rows tell them apart
+        variants = [_variant(_config(c)) for c in runs["method_config"]]
+        runs["method_preset"] = [p + (f", {v}" if p and v else v) for p, v in zip(runs["method_preset"], variants)]
     return ReportData(root=root, store=store, runs=runs, derived=derived, failed=failed, references=references)
