@@ -103,6 +103,13 @@ class CircuitMethod(ABC):
         sweep is planned, before any job starts). The default checks nothing."""
 
     @classmethod
+    def budget(cls, config: dict, n_train: int) -> str:
+        """One line saying what this method may spend under the resolved hyperparameters ``config``
+        on ``n_train`` training examples (printed when a sweep starts)."""
+        batch = config.get("batch_size")
+        return f"{n_train} training examples" + (f" in batches of {batch}" if batch else "")
+
+    @classmethod
     def target_groups(cls, config: dict, sparsities) -> list[tuple[float, ...]]:
         """How a sweep's sparsities split into jobs, given the resolved hyperparameters ``config``:
         one job per target for a method that trains one circuit per target, one job for the whole

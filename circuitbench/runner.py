@@ -752,6 +752,7 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     print(f"{len(plan.jobs)} jobs planned, {len(plan.skipped)} already complete in {results}; "
           f"{len(plan.units)} units to run on {dev} ({_execution(in_process, workers, backend)})",
           file=out, flush=True)
+    _print_budgets(plan, out)
     if not plan.units:
         store.close()
         return summary
@@ -837,6 +838,21 @@ def _ref_dict(ref: Reference) -> dict:
             "data_seed": ref.data_seed, "eval_limit": ref.eval_limit, "n_validation": ref.n_validation}
 
 
+def _print_budgets(plan: Plan, out) -> None:
+    """What each method may spend, one line per method, task and training-set size of the plan."""
+    from .method import get_method
+
+    seen = {}
+    for job in plan.jobs:
+        key = (job.method, job.task, job.n_train)
+        if key not in seen:
+            seen[key] = get_method(job.method).budget(job.method_config, job.n_train)
+    if seen:
+        print("budgets:", file=out)
+    for (method, task, _), text in seen.items():
+        print(f"  {method} on {task}: {text}", file=out, flush=True)
+
+
 def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, backend, out) -> None:
     print(f"sweep: {sweep.describe()}", file=out)
     for line in plan.warnings:
@@ -845,6 +861,7 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
           f"{_execution(workers == 1 and backend == 'local', workers, backend)}", file=out)
     print(f"{len(plan.jobs)} jobs planned; {len(plan.skipped)} already complete; "
           f"{len(plan.units)} units to run (dry run: nothing is run)", file=out)
+    _print_budgets(plan, out)
     rows = []
     for unit, secs, how in per_unit:
         if unit.kind == "reference":

@@ -54,6 +54,12 @@ class ACDC(CircuitMethod):
     }
     produces = "scores"
 
+    @classmethod
+    def budget(cls, config: dict, n_train: int) -> str:
+        taus = ", ".join(f"{float(t):g}" for t in config["taus"])
+        return (f"one greedy search per tau ({taus}); each trial a pass over {n_train} training examples "
+                f"(batches of {config['batch_size']})")
+
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
         taus = sorted(float(t) for t in cfg.taus)

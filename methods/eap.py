@@ -90,6 +90,11 @@ class EAPIG(CircuitMethod):
     presets = {"paper": {"steps": 5}, "quick": {"steps": 5}, "smoke": {"steps": 2, "batch_size": 8}}
     produces = "scores"
 
+    @classmethod
+    def budget(cls, config: dict, n_train: int) -> str:
+        return (f"{config['steps']} points x one forward and backward per batch of {config['batch_size']}; "
+                f"{n_train} training examples")
+
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
         if cfg.steps < 1:

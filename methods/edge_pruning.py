@@ -186,6 +186,15 @@ class EdgePruning(CircuitMethod):
         return super().target_groups(config, sparsities)
 
     @classmethod
+    def budget(cls, config: dict, n_train: int) -> str:
+        per = "per target" if config.get("schedule") != "path" else "per stage of one path through the targets"
+        stop = (f", ended early when converged (KL within {config['stop_tol']:g} over {config['stop_window']} steps)"
+                if config.get("stop") == "converged" else "")
+        warm = f", warm-started from {config['warm_start']}" if config.get("warm_start") else ""
+        return (f"<= {config['steps']} steps of batch {config['batch_size']} {per}{stop}{warm}; "
+                f"{n_train} training examples")
+
+    @classmethod
     def planned_passes(cls, config: dict, n_train: int, n_edges, n_sparsities: int) -> tuple[float, float]:
         """Steps (one forward and one backward each): ``steps`` per target, an upper bound when the
         stopping rule may end a run or a stage early."""

@@ -21,6 +21,10 @@ class RandomBaseline(CircuitMethod):
     presets = {"paper": {}, "quick": {}, "smoke": {}}
     produces = "scores"
 
+    @classmethod
+    def budget(cls, config: dict, n_train: int) -> str:
+        return "a seeded random ranking (no passes)"
+
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         g = engine.graph
         meter = CostMeter(engine.device)

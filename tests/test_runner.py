@@ -214,6 +214,8 @@ def test_dry_run_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dry run: nothing is run" in out and "estimated time:" in out
     assert "ep " in out and "acdc " in out and "eap " in out
+    assert "budgets:\n  ep on ioi-t1: <= 20 steps of batch 4 per target" in out  # what each method may spend
+    assert "acdc on ioi-t1: one greedy search per tau (0.001)" in out
     assert not results.exists()
     # with a store present: the plan counts what is complete and the store is left untouched
     run_sweep(sweep(methods="fake-scores", sparsities="0.5"), results=str(results), progress=False)
