@@ -385,7 +385,8 @@ def test_build_report_writes_every_file(store_dir, report):
     assert all((out / "figures" / f"{d}.pdf").exists() for d in diagrams)
     # this store's jobs logged no training curves (see test_training_curves_from_stored_logs)
     assert set(summary["missing"]) == {"figures/edge_faithfulness", "tables/edge_faithfulness",
-                                       "tables/edge_faithfulness_edges", "figures/training", "tables/training"}
+                                       "tables/edge_faithfulness_edges", "figures/training", "tables/training",
+                                       "tables/warm_start"}
 
 
 def test_index_page_shows_everything_and_the_runs(store_dir, report):
@@ -627,4 +628,33 @@ def test_path_and_warm_start_runs_are_series_of_their_own(tmp_path):
     labels = sorted(l.get_label() for ax in figures.faithfulness(data).figure.axes for l in ax.get_lines()
                     if l.get_gid() == "series")
     assert labels == ["ep (smoke)", "ep (smoke, path)", "ep (smoke, warm eap-ig)"]
+    data.store.close()
+
+
+def test_warm_start_table_counts_steps_to_the_cold_runs_kl(tmp_path):
+    from test_store import make_job
+
+    from circuitbench.report.data import load_report_data
+    from circuitbench.report.training import warm_start_table
+
+    def log(kl_at):
+        return [{"target_sparsity": 0.9, "step": s, "kl": kl_at(s), "edge_sparsity": 0.9, "target": 0.9}
+                for s in range(0, 80, 2)]
+
+    store = ResultsStore(tmp_path)
+    for i, (warm, kl_at) in enumerate(((None, lambda s: 1.0), ("eap-ig", lambda s: 2.0 if s < 20 else 0.5))):
+        job, runs, metrics, circuits, scores = make_job(f"eeee00000000000{i}", method="ep", sparsities=(0.9,))
+        job["log"] = log(kl_at)
+        job["info"] = {"schedule": "independent", "warm_start": warm,
+                       "targets": {"0.9": {"steps": 80, "stop": "max_steps", "run_steps": 80}}}
+        runs[0]["n_effective"] = runs[0]["n_edges"]
+        store.record_job(job, runs, metrics, circuits, None)
+    store.close()
+    data = load_report_data(tmp_path)
+    row = warm_start_table(data).table.iloc[0]
+    # the cold run ends at training KL 1.0; the warm run's 25-step mean first gets there at step 36
+    # (rows 12-18 at 2.0, 20-36 at 0.5: 12.5 / 13)
+    assert row["cold final train kl"] == pytest.approx(1.0)
+    assert row["warm steps to that kl"] == 36 and row["warm start"] == "eap-ig"
+    assert row["cold test kl"] == row["warm test kl"] == pytest.approx(0.9)
     data.store.close()

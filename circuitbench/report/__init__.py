@@ -8,7 +8,8 @@ writes, under ``out_dir`` (default ``<results_dir>/report``)::
                           auc_curves and auc, training_<task>_<model> (training curves),
                           tracr_<task> (figure 4), edge_faithfulness (figure 7),
                           circuit_<task>_<model>_<method>_s<sparsity> (appendix F diagrams)
-    tables/NAME.md|csv|tex  scaling (table 1), runtime, training, tracr_recovery, case_study (table 2), auc,
+    tables/NAME.md|csv|tex  scaling (table 1), runtime, training, warm_start, tracr_recovery, case_study
+                          (table 2), auc,
                           edge_faithfulness, edge_faithfulness_edges
 
 A figure or table without data is not written; the page says why in its place. A store without
@@ -65,6 +66,7 @@ def iter_artifacts(data: ReportData):
             (tables.runtime_table, "runtime", "Runtime", "runtime", "table"),
             (training.training_curves, "training", "Training curves", "training", "figure"),
             (training.training_table, "training", "Training runs", "training", "table"),
+            (training.warm_start_table, "warm_start", "Warm start", "training", "table"),
             (diagrams.tracr_figures, "tracr", "Tracr recovery", "tracr", "figure"),
             (tables.tracr_recovery_table, "tracr_recovery", "Tracr recovery", "tracr", "table"),
             (tables.case_study_table, "case_study", "Case study", "case_study", "table")):

@@ -188,3 +188,69 @@ def training_table(data: ReportData) -> Artifact:
                               key=lambda c: c.map(method_sort_key) if c.name == "method" else c)
     art.table = table.reset_index(drop=True)
     return art
+
+
+def _window_mean(rows: list[dict], upto: int, window_steps: int) -> float:
+    """Mean training KL of the logged rows in the ``window_steps`` steps ending at row ``upto``."""
+    end = rows[upto]["step"]
+    vals = [r["kl"] for r in rows[:upto + 1] if r["step"] > end - window_steps]
+    return sum(vals) / len(vals)
+
+
+def warm_start_table(data: ReportData, window_steps: int = 25) -> Artifact:
+    """Warm against cold starts of the same training run (task, model, n_train, seed, target, same
+    schedule): the steps the warm-started run needs before its training KL (mean over the last
+    ``window_steps`` steps, at the target sparsity) falls to the cold run's final one."""
+    import pandas as pd
+
+    art = Artifact(kind="table", name="warm_start", title="Warm start against cold start", section="training",
+                   caption=f"Per Edge Pruning run that has a cold and a warm-started twin (same task, model, training "
+                           f"examples, seed, target and schedule): the cold run's steps and final training KL (mean "
+                           f"over its last {window_steps} steps), the first step at which the warm run's training "
+                           f"KL, averaged over the {window_steps} steps before it and with its expected sparsity "
+                           f"within 10% of the target density, is at most that value (— when it never is), the warm "
+                           f"run's steps, and both circuits' effective edges and test KL.")
+    logs = data.store.job_logs(method="ep")
+    rows = []
+    if not logs.empty:
+        logs = logs.assign(warm=[(i or {}).get("warm_start") for i in logs["info"]],
+                           schedule=[(i or {}).get("schedule", "independent") for i in logs["info"]])
+        for job in logs[logs["warm"].notna()].itertuples(index=False):
+            cold = logs[(logs["warm"].isna()) & (logs["task"] == job.task) & (logs["model"] == job.model)
+                        & (logs["n_train"] == job.n_train) & (logs["seed"] == job.seed)
+                        & (logs["schedule"] == job.schedule)]
+            for target, info in ((job.info or {}).get("targets") or {}).items():
+                t = float(target)
+                twin = next((c for c in cold.itertuples(index=False)
+                             if any(abs(float(k) - t) < 1e-9 for k in ((c.info or {}).get("targets") or {}))), None)
+                if twin is None:
+                    continue
+                c_rows = [r for r in _rows(twin.log) if abs(float(r.get("target_sparsity", t)) - t) < 1e-9]
+                w_rows = [r for r in _rows(job.log) if abs(float(r.get("target_sparsity", t)) - t) < 1e-9]
+                if not c_rows or not w_rows:
+                    continue
+                cold_kl = _window_mean(c_rows, len(c_rows) - 1, window_steps)
+                want = 1.0 - t
+                reached = next((r["step"] for i, r in enumerate(w_rows)
+                                if abs((1 - r["edge_sparsity"]) - want) <= 0.1 * want
+                                and _window_mean(w_rows, i, window_steps) <= cold_kl), None)
+                c_info = next(v for k, v in twin.info["targets"].items() if abs(float(k) - t) < 1e-9)
+                run = lambda job_id: data.runs[(data.runs["job_id"] == job_id)  # noqa: E731
+                                               & ((data.runs["target_sparsity"] - t).abs() < 1e-9)]
+                c_run, w_run = run(twin.job_id), run(job.job_id)
+                rows.append({"task": job.task, "model": job.model, "n_train": job.n_train, "seed": job.seed,
+                             "target": t, "schedule": job.schedule, "warm start": job.warm,
+                             "cold steps": c_info.get("steps"), "cold stop": c_info.get("stop"),
+                             "cold final train kl": cold_kl,
+                             "warm steps to that kl": reached, "warm steps": info.get("steps"),
+                             "warm stop": info.get("stop"),
+                             "cold effective edges": int(c_run["n_effective"].iloc[0]) if len(c_run) else None,
+                             "warm effective edges": int(w_run["n_effective"].iloc[0]) if len(w_run) else None,
+                             "cold test kl": float(c_run["test/kl"].iloc[0]) if len(c_run) else None,
+                             "warm test kl": float(w_run["test/kl"].iloc[0]) if len(w_run) else None})
+                art.run_ids += list(c_run["run_id"]) + list(w_run["run_id"])
+    if not rows:
+        art.reason = "no warm-started Edge Pruning run with a cold twin in the store"
+        return art
+    art.table = pd.DataFrame(rows)
+    return art
