@@ -177,14 +177,20 @@ def _ep_peak_mib(spec, batch, seq, threads, device="cpu", dtype=None, checkpoint
         "s()"), device)
 
 
+def _bench_setup(spec, batch, seq, threads, device, dtype, checkpoint):
+    """(hardware info, model, masked model, clean, corrupted, task, examples) for a benchmark."""
+    info = hardware(device, dtype, checkpoint)
+    torch.set_num_threads(threads)
+    model, mm, clean, corrupted = _setup(spec, batch, seq, device=info["device"], dtype=dtype, checkpoint=checkpoint)
+    examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
+    return info, model, mm, clean, corrupted, _BenchTask(), examples
+
+
 def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5, memory=True,
                       progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
-    info = hardware(device, dtype, checkpoint)
+    info, model, mm, clean, corrupted, task, examples = _bench_setup(spec, batch, seq, threads, device, dtype,
+                                                                     checkpoint)
     dev = info["device"]
-    torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq, device=dev, dtype=dtype, checkpoint=checkpoint)
-    task = _BenchTask()
-    examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
     hf = model.hf_model
 
     def say(name, seconds):
@@ -266,12 +272,9 @@ def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     """
     from .distributed import config_for_spec, estimate_memory
 
-    info = hardware(device, dtype, checkpoint)
+    info, model, mm, clean, corrupted, task, examples = _bench_setup(spec, batch, seq, threads, device, dtype,
+                                                                     checkpoint)
     dev = info["device"]
-    torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq, device=dev, dtype=dtype, checkpoint=checkpoint)
-    task = _BenchTask()
-    examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
     del clean, corrupted
     weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     step_s, costs = _ep_runs(mm, task, examples, True, max(1, repeats), warmup=True)
