@@ -10,7 +10,7 @@ import torch
 
 from circuitbench import MaskedModel, load_model
 
-SPECS = ["random:gpt2-tiny", "random:llama-tiny"]
+SPECS = ["random:gpt2-tiny", "random:llama-tiny", "random:qwen2-tiny"]
 
 
 @pytest.fixture(scope="module", params=SPECS)
@@ -207,8 +207,20 @@ def test_zero_ablation_all_masks_zero_is_bias_only(model):
 
 # ---- gradients ----------------------------------------------------------------------------------
 
-def test_mask_gradients_match_finite_differences():
-    model = load_model("random:gpt2-tiny", dtype="float64")
+def _norms_in_input_dtype(model, monkeypatch):
+    """transformers' RMSNorms compute in float32 even on float64 inputs, which would drown central
+    differences in float32 rounding; for the gradient check they compute in the input dtype."""
+    for mod in model.hf_model.modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            def forward(x, mod=mod):
+                return mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
+            monkeypatch.setattr(mod, "forward", forward)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_mask_gradients_match_finite_differences(spec, monkeypatch):
+    model = load_model(spec, dtype="float64")
+    _norms_in_input_dtype(model, monkeypatch)
     g = model.graph
     clean, corrupted = _batch(6, B=2, S=5)
     mm = MaskedModel(model)

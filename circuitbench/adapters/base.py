@@ -101,6 +101,19 @@ class Adapter(ABC):
         keys = keys | torch.eye(seq_len, dtype=torch.bool, device=device)
         return keys
 
+    @staticmethod
+    def window_bias(seq_len: int, attention_mask: torch.Tensor | None, window: int | None, device):
+        """`attention_bias` of a causal sliding-window layer: query i sees keys j with
+        i - window < j <= i (transformers' convention), padding keys excluded. A window that
+        covers the whole sequence (or None) is plain causal attention."""
+        if window is None or window >= seq_len:
+            return Adapter.attention_bias(seq_len, attention_mask, True, device, None)
+        ones = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+        keys = (ones.tril() & ~ones.tril(-window))[None, None]
+        if attention_mask is not None:
+            keys = keys & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return keys | torch.eye(seq_len, dtype=torch.bool, device=device)
+
 
 def project(x: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     """Per-reader projections.

@@ -1,7 +1,10 @@
 """Llama family adapter (RMSNorm, rotary embeddings, grouped-query attention, SiLU-gated MLP).
 
-Covers Llama, CodeLlama, Mistral-style and SmolLM2 checkpoints. Projection weights are used as
-views of the model's own parameters (no copies), so a 13B model is not held twice.
+Covers Llama, CodeLlama, Mistral-style and SmolLM2 checkpoints, and (`qwen2`) Qwen2/Qwen2.5.
+Projection weights and biases (Qwen2's q/k/v biases, Llama's optional ``attention_bias``) are
+used as views of the model's own parameters (no copies), so a 13B model is not held twice.
+Sliding-window layers (Mistral's ``sliding_window`` on every layer; ``layer_types`` entries
+"sliding_attention" elsewhere, e.g. Qwen2 with ``use_sliding_window``) get a windowed causal mask.
 """
 from __future__ import annotations
 
@@ -31,6 +34,19 @@ def llama_attention(x, groups, W_o, cos, sin, mask, scale, per_head, kv_of_head=
     return heads_out(o, W_o, per_head)
 
 
+def sliding_windows(cfg, n_layers: int) -> list[int | None]:
+    """Each layer's sliding attention window (None: full causal attention), as transformers
+    builds the masks: Mistral windows every layer when ``sliding_window`` is set; other families
+    window the layers that ``layer_types`` marks "sliding_attention"."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return [None] * n_layers
+    types = getattr(cfg, "layer_types", None)
+    if cfg.model_type == "mistral" or types is None:
+        return [window] * n_layers
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 class LlamaAdapter(Adapter):
     family = "llama"
     head_subsets = True
@@ -45,6 +61,7 @@ class LlamaAdapter(Adapter):
         self.d_model = cfg.hidden_size
         self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
         H, G, dh, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
+        self.windows = sliding_windows(cfg, self.n_layers)
         self.groups, self.W_o, self.scales = [], [], []
         for layer in self.core.layers:
             at = layer.self_attn
@@ -65,10 +82,16 @@ class LlamaAdapter(Adapter):
         pos = torch.arange(seq_len, device=device)[None]
         probe = self.core.embed_tokens.weight[:1]
         cos, sin = self.core.rotary_emb(probe, pos)  # [1, S, dh] each
-        return cos, sin, self.attention_bias(seq_len, attention_mask, True, device, None)
+        mask = self.attention_bias(seq_len, attention_mask, True, device, None)
+        if any(w is not None and w < seq_len for w in self.windows):  # then one mask per layer
+            by_window = {w: self.window_bias(seq_len, attention_mask, w, device) for w in set(self.windows)}
+            mask = [mask if w is None else by_window[w] for w in self.windows]
+        return cos, sin, mask
 
     def attention(self, layer, x, ctx, per_head=True, heads=None):
         cos, sin, mask = ctx
+        if isinstance(mask, list):
+            mask = mask[layer]
         groups, W_o, kv_of_head = self.groups[layer], self.W_o[layer], None
         if heads is not None:
             kv, kv_of_head = self.kv_groups(heads)

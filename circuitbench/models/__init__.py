@@ -1,8 +1,9 @@
 """Model specs -> a loaded model with its adapter and edge graph.
 
 Specs:
-- ``random:gpt2-small`` / ``random:gpt2-tiny`` / ``random:llama-tiny``: seeded random weights of a
-  named shape, for tests and speed benchmarks. They use the SmolLM2 tokenizer when one is needed,
+- ``random:gpt2-small`` / ``random:gpt2-tiny`` / ``random:llama-tiny`` / ``random:qwen2-tiny``:
+  seeded random weights of a named shape (qwen2-tiny's q/k/v biases are drawn too, not left at
+  transformers' zero init), for tests and speed benchmarks. They use the SmolLM2 tokenizer when one is needed,
   or with ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic`` a tokenizer built offline from the task
   source files (`synthetic_tokenizer`), so they need no download;
 - ``random:codellama-13b``: CodeLlama-13B's shape (40 layers, 40 heads, d_model 5120), built
@@ -11,7 +12,8 @@ Specs:
   tokens); for measuring a real-sized step on one GPU (``scripts/gpu-check``);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct, embedded offline (see `smollm2`);
 - ``tracr:xproportion`` / ``tracr:reverse``: compiled Tracr programs (see `circuitbench.tracr`);
-- a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2 or Llama families.
+- a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2, Llama (Mistral) or Qwen2
+  (Qwen2.5) families.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ RANDOM_SHAPES = {
                                  hidden_size=64, intermediate_size=128, vocab_size=49152,
                                  max_position_embeddings=256, tie_word_embeddings=False,
                                  initializer_range=0.1)),
+    "qwen2-tiny": ("qwen2", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 hidden_size=64, intermediate_size=128, vocab_size=49152,
+                                 max_position_embeddings=256, tie_word_embeddings=False,
+                                 initializer_range=0.1)),
     # CodeLlama-13B(-Instruct)'s published shape (no grouped-query attention)
     "codellama-13b": ("llama", dict(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                                     hidden_size=5120, intermediate_size=13824, vocab_size=32016,
@@ -52,7 +58,7 @@ RANDOM_TOKENIZERS = {"codellama-13b": "synthetic"}
 RANDOM_TOKENIZER_ENV = "CIRCUITBENCH_RANDOM_TOKENIZER"
 EMBEDDED = ("smollm2-135m",)
 TRACR_PROGRAMS = ("xproportion", "reverse")
-SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 @dataclass
@@ -118,6 +124,9 @@ def _adapter_for(hf_model):
     if family == "llama":
         from ..adapters.llama import LlamaAdapter
         return LlamaAdapter(hf_model)
+    if family == "qwen2":
+        from ..adapters.qwen2 import Qwen2Adapter
+        return Qwen2Adapter(hf_model)
     raise UserError(f"unsupported architecture {mt!r}: circuitbench supports "
                     f"{', '.join(sorted(SUPPORTED_TYPES))} models")
 
@@ -166,8 +175,17 @@ def random_config(name):
         raise UserError(f"unknown random model {name!r}; choose one of "
                         f"{', '.join('random:' + n for n in RANDOM_SHAPES)}")
     family, kwargs = RANDOM_SHAPES[name]
-    from transformers import GPT2Config, LlamaConfig
-    return (GPT2Config if family == "gpt2" else LlamaConfig)(**kwargs)
+    import transformers
+    config = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config"}[family]
+    return getattr(transformers, config)(**kwargs)
+
+
+def _random_class(name):
+    """The transformers causal-LM class of random shape ``name``."""
+    import transformers
+    family = RANDOM_SHAPES[name][0]
+    return getattr(transformers, {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                  "qwen2": "Qwen2ForCausalLM"}[family])
 
 
 def random_graph(name) -> Graph:
@@ -194,9 +212,7 @@ def _free_bytes(device) -> int | None:
 
 def _random_model_on_device(name, cfg, seed, device, dtype):
     """Build a large random model directly on ``device`` in ``dtype`` (never a float32 CPU copy)."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-
-    cls = GPT2LMHeadModel if RANDOM_SHAPES[name][0] == "gpt2" else LlamaForCausalLM
+    cls = _random_class(name)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in cls(cfg).parameters())
     need, free = n_params * torch.finfo(dtype).bits // 8, _free_bytes(device)
@@ -219,11 +235,14 @@ def _random_model(name, seed, device, dtype):
     cfg = random_config(name)
     if name in RANDOM_ON_DEVICE:
         return _random_model_on_device(name, cfg, seed, device, dtype)
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        hf = (GPT2LMHeadModel if RANDOM_SHAPES[name][0] == "gpt2" else LlamaForCausalLM)(cfg)
+        hf = _random_class(name)(cfg)
+        with torch.no_grad():  # transformers zero-inits biases; draw them so they are exercised
+            for pname, p in hf.named_parameters():
+                if pname.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                    p.normal_(0.0, cfg.initializer_range)
     finally:
         torch.random.set_rng_state(gen_state)
     return _freeze(hf, device, dtype)
