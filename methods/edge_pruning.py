@@ -10,7 +10,18 @@ decay) at a learning rate that warms up linearly over ``warmup_steps`` and, with
 falls linearly to 0 at the last step (the paper's optimiser schedule). The target t ramps linearly
 from 0 to the target over the first ``ramp_steps`` steps.
 
-One training run per requested sparsity. At the end each effective edge has a deterministic mask
+Schedules: ``"independent"`` trains one run per requested sparsity; ``"path"`` trains one run through
+the requested sparsities in increasing order, one *stage* per target: the target moves on from the
+previous one over ``stage_ramp_steps`` (the first stage ramps from 0 over ``ramp_steps``), the stage
+runs until the stopping rule fires or ``steps`` have passed, its circuit is discretised and emitted,
+and the next stage continues from the same masks, multipliers and optimiser state. With ``stop =
+"converged"`` the `StoppingRule` may end a run (or stage) early: the target reached (expected edge
+density within ``stop_sparsity_tol`` of it) and the mean training KL of the last ``stop_window`` steps
+within ``stop_tol`` of the window before. Each circuit's info records how its run or stage ended
+(``converged`` / ``max_steps``) and its steps; the log holds the curve (KL, expected and realised
+sparsity, targets, multipliers) every ``log_every`` steps.
+
+At the end of a run (or stage) each effective edge has a deterministic mask
 hc.deterministic(la_edge) * hc.deterministic(la_node) in [0, 1] and a soft mask
 sigmoid(la_edge) * sigmoid(la_node) (`discretise_masks`). ``discretise="deterministic"`` gives the
 binarised circuit the density of the mean deterministic mask (round(sum of the masks) edges) and
