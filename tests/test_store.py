@@ -125,6 +125,11 @@ WRITER = textwrap.dedent("""
     store = ResultsStore({root!r})
     while {barrier!r} and not os.path.exists({barrier!r}):  # start writing together
         time.sleep(0.01)
+    if {barrier!r}:  # and only once both writers are past the barrier (a loaded machine may start one late)
+        open({barrier!r} + ".%d" % os.getpid(), "w").close()
+        import glob
+        while len(glob.glob({barrier!r} + ".*")) < 2:
+            time.sleep(0.01)
     print("start", time.time(), flush=True)
     for i in {ids!r}:
         job = make_job("%016x" % i)
