@@ -117,6 +117,7 @@ class EdgePruningConfig:
     lr_decay: bool = False  # after the warm-up, decay both learning rates linearly to 0 at the last step
     edge_target: float | None = None  # train toward this edge sparsity whatever is requested (Tracr)
     node_target: float | None = None  # node sparsity target (never above the edge target); None: no node term
+    node_loss: bool = True  # False: no node term whatever node_target says (the paper scripts' --disable_node_loss)
     fix_lambda1: bool = False  # keep the linear multipliers at 0 (the paper's xproportion run)
     init_log_alpha: float = 10.0  # every mask starts on
     init_std: float = 0.01
@@ -293,7 +294,7 @@ class EdgePruning(CircuitMethod):
         batches = _cycle(plan, batch_gen)
         step = 0  # over the whole run
         for k, (target, requested) in enumerate(stages):
-            node_target = None if cfg.node_target is None else min(cfg.node_target, target)
+            node_target = None if cfg.node_target is None or not cfg.node_loss else min(cfg.node_target, target)
             node_start = 0.0 if k == 0 else min(cfg.node_target or 0.0, stages[k - 1][0])
             ramp = cfg.ramp_steps if k == 0 else cfg.stage_ramp_steps
             rule = StoppingRule(cfg, ramp) if cfg.stop == "converged" else None

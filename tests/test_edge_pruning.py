@@ -352,3 +352,13 @@ def test_sweep_plans_one_path_job_for_the_whole_grid():
     assert path[0].config["targets"] == [0.9, 0.95, 0.98]
     independent = plan("independent")
     assert sorted(j.target_sparsity for j in independent) == [0.9, 0.95, 0.98]
+
+
+def test_node_loss_off_drops_the_node_term(tiny):
+    _, eng = tiny
+    args = (eng, SyntheticTask(), make_examples(4), None, [0.5])
+    kw = dict(steps=4, ramp_steps=2, batch_size=4, node_target=0.3, log_every=1)
+    on = EdgePruning(**kw).discover(*args, progress=False)
+    off = EdgePruning(node_loss=False, **kw).discover(*args, progress=False)
+    assert "node_target" in on.log[-1] and "lambda3" in on.log[-1]
+    assert "node_target" not in off.log[-1] and "lambda3" not in off.log[-1]

@@ -106,12 +106,15 @@ def _config(text) -> dict:
 
 def _variant(method_config: dict) -> str:
     """How a job ran its method when it is not the method's plain way: "path" (Edge Pruning's
-    sparsity path), "warm <method>" (a warm start); "" otherwise."""
+    sparsity path), "warm <method>" (a warm start), "no node loss" (Edge Pruning without its node
+    term); "" otherwise."""
     parts = []
     if method_config.get("schedule") == "path":
         parts.append("path")
     if method_config.get("warm_start"):
         parts.append(f"warm {method_config['warm_start']}")
+    if method_config.get("node_loss") is False:
+        parts.append("no node loss")
     return ", ".join(parts)
 
 
