@@ -172,7 +172,8 @@ def training_table(data: ReportData) -> Artifact:
             perf = performance_metric(data.test_metrics(job.task))
             rows.append({
                 "task": job.task, "model": job.model, "method": job.method,
-                "schedule": (job.info or {}).get("schedule", "independent"), "n_train": job.n_train,
+                "schedule": (job.info or {}).get("schedule", "independent"),
+                "warm start": (job.info or {}).get("warm_start") or "", "n_train": job.n_train,
                 "seed": job.seed, "target": float(run["target_sparsity"]), "steps": info.get("steps"),
                 "stop": info.get("stop"), "run steps": info.get("run_steps"),
                 "train s": info.get("train_s"), "edges": int(run["n_edges"]),
@@ -184,7 +185,7 @@ def training_table(data: ReportData) -> Artifact:
         art.reason = "no job in the store logged a training run (only gradient-trained methods such as Edge Pruning do)"
         return art
     table = pd.DataFrame(rows)
-    table = table.sort_values(["task", "model", "method", "schedule", "n_train", "seed", "target"],
+    table = table.sort_values(["task", "model", "method", "schedule", "warm start", "n_train", "seed", "target"],
                               key=lambda c: c.map(method_sort_key) if c.name == "method" else c)
     art.table = table.reset_index(drop=True)
     return art
