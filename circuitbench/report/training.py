@@ -171,7 +171,7 @@ def training_table(data: ReportData) -> Artifact:
                 continue
             perf = performance_metric(data.test_metrics(job.task))
             rows.append({
-                "task": job.task, "model": job.model, "method": job.method,
+                "task": job.task, "model": job.model, "method": job.method, "preset": run["method_preset"],
                 "schedule": (job.info or {}).get("schedule", "independent"),
                 "warm start": (job.info or {}).get("warm_start") or "", "n_train": job.n_train,
                 "seed": job.seed, "target": float(run["target_sparsity"]), "steps": info.get("steps"),
