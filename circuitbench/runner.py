@@ -497,30 +497,31 @@ def _loads_without_download(model: str) -> bool:
     return False
 
 
-PROBE_BATCH = 8
+PROBE_BATCH = 16
 
 
 def probe_pass_s(model: str, task_name: str, device: str, dtype: str, batch: int) -> tuple[float, float] | None:
     """(seconds of one masked forward without autograd, seconds of one masked forward + backward to the
-    edge masks) on ``batch`` training examples of ``task_name``: measured now on `PROBE_BATCH` of them
-    (after a warm-up) and scaled by the batch size; None for a model too large to probe or one that
-    cannot be loaded without a download."""
-    key = (model, task_name, device, dtype)
+    edge masks) on ``batch`` training examples of ``task_name``: measured now at that batch size (after a
+    warm-up) up to `PROBE_BATCH` examples, larger batches scaled from `PROBE_BATCH` (a small batch is
+    not a proportional share of a large one: fixed per-pass costs dominate it); None for a model too
+    large to probe or one that cannot be loaded without a download."""
+    probed = min(batch, PROBE_BATCH)
+    key = (model, task_name, device, dtype, probed)
     if key not in _PROBED:
-        _PROBED[key] = _probe(model, task_name, device, dtype)
+        _PROBED[key] = _probe(model, task_name, device, dtype, probed)
     if _PROBED[key] is None:
         return None
     per_forward, per_step = _PROBED[key]
     return per_forward * batch, per_step * batch
 
 
-def _probe(model: str, task_name: str, device: str, dtype: str) -> tuple[float, float] | None:
+def _probe(model: str, task_name: str, device: str, dtype: str, batch: int) -> tuple[float, float] | None:
     """Seconds per example of a masked forward and of a masked forward + backward (`probe_pass_s`)."""
     import torch
 
     from .tasks import get_task
 
-    batch = PROBE_BATCH
     shape = model_shape(model)
     if shape is None or shape[4] > PROBE_MAX_PARAMS or not _loads_without_download(model):
         return None

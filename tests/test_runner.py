@@ -373,9 +373,13 @@ def test_dry_run_measures_pass_times_on_the_model(monkeypatch, capsys):
 
     monkeypatch.setenv("CIRCUITBENCH_RANDOM_TOKENIZER", "synthetic")  # no download in a dry run
     runner._PROBED.clear()
-    forward, step = runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 8)
+    forward, step = runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16)
     assert 0 < forward < step
-    assert runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16) == (2 * forward, 2 * step)
+    # batches up to PROBE_BATCH are timed at their own size, larger ones scaled from it
+    assert runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 32) == (2 * forward, 2 * step)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) not in runner._PROBED
+    runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) in runner._PROBED
     assert runner.probe_pass_s("random:codellama-13b", "ioi-t1", "cpu", "float32", 8) is None  # too large
     s = sweep(methods="ep", sparsities="0.9")
     jobs, refs, _ = runner.validate(s, "cpu", "float32")
