@@ -347,10 +347,12 @@ class EdgePruning(CircuitMethod):
                             la_node.clamp_(-cfg.log_alpha_bound, cfg.log_alpha_bound)
                     for sch in scheds:
                         sch.step()
-                    kl_value, expected = float(kl.detach()), float(1 - density.detach())
+                    # reading the KL back synchronises a GPU: only when the rule or the log needs it
+                    logged = stage_step % cfg.log_every == 0 or stage_step == cfg.steps - 1
+                    if rule is not None or logged:
+                        kl_value, expected = float(kl.detach()), float(1 - density.detach())
                     done = rule is not None and rule.update(kl_value, expected, target)
-                    last = done or stage_step == cfg.steps - 1
-                    if stage_step % cfg.log_every == 0 or last:
+                    if logged or done:
                         with torch.no_grad():
                             n_keep = edges_for_sparsity(g, requested[0]) if cfg.discretise == "exact" else None
                             kept, _, _ = discretise_masks(hc, la_edge, la_node, valid, cfg.discretise, n_keep)

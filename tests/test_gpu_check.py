@@ -45,7 +45,8 @@ def test_script_cpu_dry_run_exercises_every_part(tmp_path):
     assert "memory per device" in s["parts"]["codellama_13b"]["dry_run_estimate"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA: checks the no-GPU refusal "
+                                                      "of scripts/gpu-check (issue 18)")
 def test_script_without_a_gpu_says_it_needs_one(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "s.json")], capture_output=True,
                        text=True, timeout=300)
@@ -147,7 +148,7 @@ def test_bench_on_a_missing_gpu_is_a_clear_error(capsys):
     from circuitbench.cli import main
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+        pytest.skip("needs a machine without CUDA: checks the no-GPU error of bench --device cuda (issue 18)")
     assert main(["bench", "engine", "--device", "cuda"]) != 0
     assert "CUDA is not available" in capsys.readouterr().err
 
