@@ -14,6 +14,11 @@ imports a method module by name. ``@register_method`` registers a class directly
 Hyperparameters resolve in this order: the Config defaults, the preset, the preset's per-task
 entries (a ``per_task`` field of the Config, ``{task name: {field: value}}``, e.g. the Edge Pruning
 paper's node target per task), and last the caller's explicit overrides.
+
+A method may build on other methods' scores (an ensemble): `CircuitMethod.score_inputs` names the
+(method, hyperparameters) whose scores it can use, and the runner hands it the ones its results
+store already holds for the same data as `StoredScores` in ``method.stored`` before ``discover``;
+a method never reads the store itself.
 """
 from __future__ import annotations
 
@@ -63,6 +68,18 @@ class MethodResult:
     info: dict = field(default_factory=dict)  # method-specific facts worth storing (realised sparsities, ...)
 
 
+@dataclass
+class StoredScores:
+    """Edge scores another method's complete job left in the results store, handed to a method by the
+    harness (`CircuitMethod.score_inputs`): ``scores`` [W, R] (NaN outside the graph), what that job
+    spent, and its id."""
+
+    method: str
+    job_id: str
+    scores: object  # numpy array or tensor [W, R]
+    cost: Cost = field(default_factory=Cost)
+
+
 class CircuitMethod(ABC):
     """A circuit discovery method. ``cls(config=None, preset=None, **overrides)``."""
 
@@ -88,6 +105,7 @@ class CircuitMethod(ABC):
         self.preset = preset
         self.overrides = dict(overrides)
         self.config = dataclasses.replace(base, **values)
+        self.stored: dict[str, StoredScores] = {}  # filled by the runner, see `score_inputs`
 
     def config_for(self, task) -> object:
         """The Config with the ``per_task`` entries for ``task`` applied (explicit overrides win)."""
@@ -101,6 +119,16 @@ class CircuitMethod(ABC):
     def check_config(cls, config) -> None:
         """Raise `UserError` for hyperparameter values this method cannot run with (called when a
         sweep is planned, before any job starts). The default checks nothing."""
+
+    @classmethod
+    def score_inputs(cls, config: dict) -> dict[str, tuple[str, dict]]:
+        """Other methods' scores this method can use instead of computing them itself, under its
+        resolved hyperparameters ``config``: ``{key: (method name, that method's resolved
+        hyperparameters)}``. Before ``discover`` the runner puts in ``self.stored[key]`` a
+        `StoredScores` for each one its results store holds from a complete job of that method and
+        those hyperparameters on the same data (task, model, training and validation sizes, data
+        seed, seed, dtype, device type, tokenizer); a key without one is absent. The default uses none."""
+        return {}
 
     @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
@@ -282,5 +310,5 @@ def seeded_generator(seed: int, device=None) -> torch.Generator:
     return gen
 
 
-__all__ = ["ENTRY_POINT_GROUP", "CircuitMethod", "Cost", "CostMeter", "MethodResult", "circuits_at",
+__all__ = ["ENTRY_POINT_GROUP", "CircuitMethod", "Cost", "CostMeter", "MethodResult", "StoredScores", "circuits_at",
            "get_method", "list_methods", "register_method", "seeded_generator"]

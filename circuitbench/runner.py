@@ -5,9 +5,12 @@ before any work starts, skips what the store already holds, and executes the res
 
 - **Units of work.** A *job* unit discovers a circuit (or scores) with one method, cuts it at
   the job's sparsities and evaluates every circuit on the task's test split with all its metrics
-  (`circuitbench.evaluate`). A *reference* unit evaluates the full model and the empty circuit
-  once per task/model/test split. An *extend* unit adds sparsities to a complete score-based job
-  by cutting its stored scores (no rediscovery).
+  (`circuitbench.evaluate`). A method that builds on other methods' scores (an ensemble,
+  `CircuitMethod.score_inputs`) is handed the ones the store holds when the sweep is planned
+  (`stored_inputs`); scores of jobs run in the same sweep are not passed on (the method runs
+  those members itself), so run the members first to reuse them. A *reference* unit evaluates the
+  full model and the empty circuit once per task/model/test split. An *extend* unit adds
+  sparsities to a complete score-based job by cutting its stored scores (no rediscovery).
 - **Recording.** Units return their results to this process, which writes them (circuit files,
   then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
@@ -57,6 +60,7 @@ class Unit:
     dtype: str = "float32"
     threads: int | None = None  # torch threads in a worker process (None: leave as is)
     progress: bool = True
+    stored: dict = field(default_factory=dict)  # "job": {key: StoredScores} for the method (`stored_inputs`)
 
     @property
     def label(self) -> str:
@@ -237,6 +241,7 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     validation = splits.validation.to(model.device)
     harness["build_data"] = time.perf_counter() - t0
     method = get_method(job.method)(preset=job.method_preset, **job.method_overrides)
+    method.stored = dict(unit.stored)
     torch.manual_seed(job.seed)  # anything left on the global RNG is seeded too
     result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
                              progress=unit.progress)
@@ -413,7 +418,8 @@ def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None
                               progress=progress))
     for job in jobs:
         if status.get(job.job_id) != "complete":
-            units.append(Unit("job", job=job, device=device, dtype=dtype, threads=threads, progress=progress))
+            units.append(Unit("job", job=job, device=device, dtype=dtype, threads=threads, progress=progress,
+                              stored=stored_inputs(store, job) if store is not None else {}))
             continue
         have = store.run_sparsities(job.job_id)
         missing = tuple(s for s in job.sparsities if not any(math.isclose(s, h, abs_tol=1e-9) for h in have))
@@ -427,6 +433,44 @@ def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None
         units.append(Unit("extend", job=job, sparsities=missing, scores=scores, device=device, dtype=dtype,
                           threads=threads, progress=progress))
     return Plan(jobs, refs, units, skipped, device, dtype, list(warnings))
+
+
+# Keys of a job's config that do not change the scores its method computes: a score job made under
+# them is the same discovery.
+NOT_SCORE_IDENTITY = ("method_preset", "eval_limit", "target_sparsity", "targets", "cut")
+
+
+def _canonical(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def stored_inputs(store: ResultsStore, job: Job) -> dict:
+    """``{key: StoredScores}`` for the method of ``job``: for each (method, hyperparameters) its
+    `CircuitMethod.score_inputs` names, the scores of the store's earliest complete job of that
+    method and those resolved hyperparameters on the same data as ``job`` (its config equal to
+    ``job``'s outside `NOT_SCORE_IDENTITY`, method and method config aside)."""
+    from .method import Cost, StoredScores, get_method
+
+    wanted = get_method(job.method).score_inputs(job.method_config)
+    if not wanted:
+        return {}
+    identity = {k: v for k, v in job.config.items() if k not in NOT_SCORE_IDENTITY}
+    out = {}
+    for key, (method, method_config) in wanted.items():
+        target = _canonical({**identity, "method": method, "method_config": method_config})
+        for rec in store.scored_jobs(method, job.task, job.model):
+            other = {k: v for k, v in rec["config"].items() if k not in NOT_SCORE_IDENTITY}
+            if _canonical(other) != target:
+                continue
+            scores = store.scores(rec["job_id"])
+            if scores is None:
+                continue
+            cost = Cost(wall_s={k: float(v) for k, v in rec["wall_s"].items()},
+                        forward_passes=int(rec["forward_passes"]), backward_passes=int(rec["backward_passes"]),
+                        peak_memory_mib=rec["peak_memory_mib"])
+            out[key] = StoredScores(method, rec["job_id"], scores, cost)
+            break
+    return out
 
 
 # ---- time estimate ----------------------------------------------------------------------------------------
@@ -574,17 +618,23 @@ def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, int, st
     bound, readers cut off from the output are skipped); else one forward and backward per
     training batch, times ``steps`` points on the path for integrated gradients.
     """
+    n_sp = 1 if job.target_sparsity is not None else len(job.sparsities)
+    return planned_passes_for(job.method, job.method_config, job.n_train, n_edges, n_sp)
+
+
+def planned_passes_for(method: str, cfg: dict, n_train: int, n_edges: int | None,
+                       n_sp: int) -> tuple[float, float, int, str]:
+    """`planned_passes` of one method under the resolved hyperparameters ``cfg`` on ``n_train``
+    training examples and ``n_sp`` sparsities of one job."""
     from .method import get_method
 
-    cls = get_method(job.method)
-    cfg = job.method_config
-    n_sp = 1 if job.target_sparsity is not None else len(job.sparsities)
-    batch = max(1, min(int(cfg.get("batch_size") or 32), job.n_train))
+    cls = get_method(method)
+    batch = max(1, min(int(cfg.get("batch_size") or 32), n_train))
     hook = getattr(cls, "planned_passes", None)
     if callable(hook):
-        fwd, bwd = hook(cfg, job.n_train, n_edges, n_sp)
+        fwd, bwd = hook(cfg, n_train, n_edges, n_sp)
         return float(fwd), float(bwd), batch, "method's own count"
-    batches = math.ceil(job.n_train / batch)
+    batches = math.ceil(n_train / batch)
     if cls.produces == "circuits" and cfg.get("steps"):  # gradient training, one run per target
         return float(cfg["steps"]), float(cfg["steps"]), batch, f"{cfg['steps']} steps"
     if cfg.get("taus") or cfg.get("tau") is not None:

@@ -350,6 +350,16 @@ class ResultsStore:
         path = self.root / row[0]
         return np.load(path) if path.exists() else None
 
+    def scored_jobs(self, method: str, task: str, model: str) -> list[dict]:
+        """The complete jobs of ``method`` on ``task`` and ``model`` that stored scores: one dict each
+        with job_id, config (parsed), wall_s (parsed), forward_passes, backward_passes, peak_memory_mib."""
+        rows = self._connect().execute(
+            "SELECT job_id, config, wall_s, forward_passes, backward_passes, peak_memory_mib FROM jobs "
+            "WHERE method = ? AND task = ? AND model = ? AND status = 'complete' AND scores_file IS NOT NULL "
+            "ORDER BY finished_at, job_id", (method, task, model))
+        return [{"job_id": r[0], "config": json.loads(r[1]) if r[1] else {}, "wall_s": json.loads(r[2]) if r[2] else {},
+                 "forward_passes": r[3] or 0, "backward_passes": r[4] or 0, "peak_memory_mib": r[5]} for r in rows]
+
     def has_references(self, ref_id: str) -> bool:
         row = self._connect().execute("SELECT 1 FROM reference_metrics WHERE ref_id = ? LIMIT 1", (ref_id,))
         return row.fetchone() is not None

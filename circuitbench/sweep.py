@@ -12,7 +12,8 @@ tasks               --task gt,ioi                task names
 models              --model SPEC[,SPEC]          model specs (default ``smollm2-135m``; a task with a
                                                  ``default_model``, like Tracr's, gets that one)
 sparsities          --sparsities 0.9,0.95        target sparsities, each in [0, 1); a list, or
-                    --sparsities 0.9:0.99:0.01   a range ``start:stop:step`` (stop included)
+                    --sparsities 0.9:0.99:0.01   a range ``start:stop:step`` (stop included), or
+                    --sparsities mib             ``mib``: MIB's circuit sizes (`MIB_SPARSITIES`)
 n_train             --n-train 200,400            training-set sizes (default: the task's own)
 n_validation        --n-validation N             validation-set size (default: the task's own)
 seeds               --seeds 0,1                  method seeds (default 0)
@@ -69,6 +70,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("smoke", "quick", "paper")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_SPARSITIES = (0.9, 0.95, 0.97, 0.98, 0.99)
+# MIB's circuit-track sizes (`circuitbench.metrics.MIB_EDGE_FRACTIONS`: 0.1% ... 50% of the edges) as
+# sparsities; its 100% point is the full model, which every sweep evaluates as its reference.
+MIB_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 # Bumped when the meaning of a job's configuration changes, so stored results are not reused wrongly.
 HASH_VERSION = 1
 
@@ -115,10 +119,13 @@ DEFAULTS = {
 
 # ---- parsing values ---------------------------------------------------------------------------------
 def parse_sparsities(value, where: str = "sparsities") -> list[float]:
-    """A list of sparsities from a list, a number, ``"0.9,0.95"`` or a range ``"0.9:0.99:0.01"``."""
+    """A list of sparsities from a list, a number, ``"0.9,0.95"``, a range ``"0.9:0.99:0.01"`` or
+    ``"mib"`` (`MIB_SPARSITIES`)."""
     if isinstance(value, str):
         text = value.strip()
-        if text.count(":") == 2:
+        if text.lower() == "mib":
+            values = list(MIB_SPARSITIES)
+        elif text.count(":") == 2:
             try:
                 start, stop, step = (float(x) for x in text.split(":"))
             except ValueError:

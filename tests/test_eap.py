@@ -1,10 +1,11 @@
-"""EAP and EAP-IG against brute force: every edge's score equals a finite-difference estimate of the
-objective's change computed edge by edge; EAP-IG's scores add up to the corrupted-minus-clean metric."""
+"""EAP and mask-space IG (eap-mask-ig) against brute force: every edge's score equals a finite-difference
+estimate of the objective's change computed edge by edge; eap-mask-ig's scores add up to the
+corrupted-minus-clean metric. EAP-IG proper (eap-ig, eap-ig-act): tests/test_eap_ig.py."""
 import pytest
 import torch
 
 from circuitbench import MaskedModel, load_model
-from methods.eap import EAP, EAPIG
+from methods.eap import EAP, EAPMaskIG
 from methods_support import SyntheticTask, make_examples
 
 
@@ -44,24 +45,24 @@ def test_eap_scores_equal_edge_by_edge_finite_differences(tiny64, ablation):
     assert res.cost.forward_passes >= 2 and res.cost.backward_passes == 2  # one fwd+bwd per batch
 
 
-def test_eap_ig_scores_add_up_to_the_metric_difference(tiny64):
+def test_eap_mask_ig_scores_add_up_to_the_metric_difference(tiny64):
     model, eng = tiny64
     g = model.graph
     task, train = SyntheticTask(), make_examples(6)
-    res = EAPIG(steps=64).discover(eng, task, train, None, [], progress=False)
+    res = EAPMaskIG(steps=64).discover(eng, task, train, None, [], progress=False)
     clean = _objective(eng, task, train, g.full_mask(torch.float64))
     corrupted = _objective(eng, task, train, torch.zeros_like(g.full_mask(torch.float64)))
     total = float(res.scores.double().sum())
     assert abs(total - (corrupted - clean)) <= 1e-3 * abs(corrupted - clean)
 
 
-def test_eap_ig_with_one_step_at_the_midpoint_is_eap_at_half(tiny64):
+def test_eap_mask_ig_with_one_step_at_the_midpoint_is_eap_at_half(tiny64):
     """One point on the path is the gradient at masks 1/2: checks the path points are where they
     are documented to be."""
     model, eng = tiny64
     g = model.graph
     task, train = SyntheticTask(), make_examples(4)
-    res = EAPIG(steps=1).discover(eng, task, train, None, [], progress=False)
+    res = EAPMaskIG(steps=1).discover(eng, task, train, None, [], progress=False)
     mask = (g.full_mask(torch.float64) * 0.5).requires_grad_(True)
     out = eng(train.clean, train.corrupted, attention_mask=train.attention_mask, edge_mask=mask,
               positions=train.positions)

@@ -315,7 +315,7 @@ def test_bf16_mask_gradients_within_tolerance(model):
 @pytest.mark.parametrize("ablation", ["interchange", "zero"])
 @pytest.mark.parametrize("value", [1.0, 0.4])
 def test_uniform_masks_read_running_sums_exactly(model, ablation, value, monkeypatch):
-    """One coefficient on every edge (the full model, EAP-IG's alpha * 1): reads are a running sum
+    """One coefficient on every edge (the full model, eap-mask-ig's alpha * 1): reads are a running sum
     and the stack gradient one row (`_UniformRead`); logits and both mask gradients equal those of
     the general read (forced here by hiding the uniform value)."""
     clean, corrupted = _batch(5)

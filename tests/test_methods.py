@@ -15,7 +15,7 @@ from circuitbench.method import (ENTRY_POINT_GROUP, CircuitMethod, Cost, MethodR
                                  list_methods, register_method)
 from methods_support import SyntheticTask, make_examples
 
-NAMES = ["acdc", "eap", "eap-ig", "ep", "random"]
+NAMES = ["acdc", "eap", "eap-ig", "eap-ig-act", "eap-mask-ig", "ensemble", "ep", "random"]
 
 
 @pytest.fixture(scope="module", params=["random:gpt2-tiny", "random:llama-tiny"])
@@ -24,7 +24,7 @@ def tiny(request):
     return model, MaskedModel(model)
 
 
-def test_registry_lists_all_five():
+def test_registry_lists_every_builtin():
     methods = list_methods()
     assert sorted(methods) == NAMES
     assert {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} >= set(NAMES)
@@ -37,7 +37,7 @@ def test_registry_lists_all_five():
 
 
 def test_unknown_names_are_user_errors():
-    with pytest.raises(UserError, match="known methods: acdc, eap, eap-ig, ep, random"):
+    with pytest.raises(UserError, match="known methods: acdc, eap, eap-ig, eap-ig-act, eap-mask-ig, ensemble, ep, random"):
         get_method("nope")
     with pytest.raises(UserError, match="no preset"):
         get_method("ep")(preset="huge")
@@ -91,7 +91,7 @@ def test_every_method_is_deterministic_and_reports_cost(tiny, name):
     assert isinstance(cost, Cost) and cost.wall_s and all(v >= 0 for v in cost.wall_s.values())
     if name != "random":
         assert cost.forward_passes > 0
-    if name in ("ep", "eap", "eap-ig"):
+    if name in ("ep", "eap", "eap-ig", "eap-ig-act", "eap-mask-ig"):
         assert cost.backward_passes > 0
     assert cost.peak_memory_mib is None or cost.peak_memory_mib >= 0
 

@@ -287,8 +287,10 @@ def test_worker_processes_and_results_command(tmp_path, capsys):
     assert df["threads"].eq(1).all()  # two workers on two cores: one thread each
 
     assert main(["results", "--results", str(tmp_path), "--method", "eap"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    runs, areas = capsys.readouterr().out.split("\n\n")  # the runs, then each series' CPR and CMD
+    lines = runs.splitlines()
     assert "logit_diff" in lines[0] and len(lines) == 5 and all(" eap " in line for line in lines[1:])
+    assert "MIB's CPR" in areas and len(areas.strip().splitlines()) == 3 and "n/a: sizes from 10%" in areas
     assert main(["results", "--results", str(tmp_path), "--json", "--csv", str(tmp_path / "runs.csv")]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 8 and all("test/kl" in r and "n_edges" in r and "wall_total_s" in r for r in rows)

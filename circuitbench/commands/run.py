@@ -21,7 +21,8 @@ def add_parser(sub):
                    help="task name or comma list, e.g. gt or ioi,gt; your own file: custom:PATH.jsonl")
     p.add_argument("--model", "--models", dest="models",
                    help="model spec or comma list (default smollm2-135m; Tracr tasks use their own model)")
-    p.add_argument("--sparsities", help="comma list (0.9,0.95) or range start:stop:step (0.9:0.99:0.01), each in [0, 1)")
+    p.add_argument("--sparsities", help="comma list (0.9,0.95) or range start:stop:step (0.9:0.99:0.01), each in "
+                                        "[0, 1); 'mib': MIB's circuit sizes, 0.1%% to 50%% of the edges")
     p.add_argument("--n-train", dest="n_train", help="training-set sizes, comma list (default: the task's own)")
     p.add_argument("--n-validation", dest="n_validation", type=int, help="validation-set size (default: the task's own)")
     p.add_argument("--seeds", help="method seeds, comma list (default 0)")

@@ -4,6 +4,10 @@ A *series* is one line of a panel: a method under one preset and training-set si
 (`data.SERIES_KEYS`), its runs averaged over seeds at each target sparsity. The x value of a
 point is the mean *effective* sparsity (1 - effective edges / all edges: edges on an input ->
 logits path of kept edges) of its runs, so methods are compared by the size of the circuit that acts.
+
+Areas under the normalised faithfulness curve (`normalised_panel`): the linear- and log-axis AUCs
+integrate over that effective size; MIB's CPR and CMD (`mib_areas`) integrate over the *requested*
+size, 1 - target sparsity, as MIB integrates over the percentages of edges it asked for.
 """
 from __future__ import annotations
 
@@ -102,6 +106,9 @@ class NormalisedCurve:
     log_from: float
     full: float
     empty: float
+    cpr: float = math.nan  # MIB's CPR and CMD (`mib_areas`), NaN when the sizes do not cover MIB's range
+    cmd: float = math.nan
+    mib_grid: str = ""  # which points CPR and CMD integrate (`mib_areas`)
 
 
 def normalise(curve: Curve, full: float, empty: float) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +147,35 @@ def area_log(k: np.ndarray, f: np.ndarray, k_from: float) -> float:
     return float(np.trapezoid(ys, xs) / (0.0 - lo))
 
 
+def mib_areas(curve: Curve, full: float, empty: float) -> tuple[float, float, str]:
+    """(CPR, CMD, which points) of a series, MIB's definitions (`circuitbench.metrics`).
+
+    x is the requested fraction of edges kept, 1 - target sparsity (MIB's percentages: a method's
+    circuit for a budget sits at that budget, whatever size it reached; the linear and log AUCs use
+    the effective size instead); f is the seed-mean normalised faithfulness of the task's main
+    metric. The point k = 1 is the full model, f = 1 by definition, added when no run of sparsity 0
+    was stored (MIB evaluates the full graph there, which is the model). The third value says which
+    points were integrated: "MIB grid" (MIB's ten sizes all measured: exactly MIB's number),
+    "measured: N sizes ..." (the measured sizes span 0.001 to 1 but are not MIB's: the trapezoid
+    over them, not MIB's number), or "n/a: ..." (they do not reach k = 0.001: no value)."""
+    from ..metrics import MIB_EDGE_FRACTIONS, circuit_model_distance, circuit_performance_ratio, mib_curve_points
+
+    pts = curve.points
+    k = 1.0 - pts["target_sparsity"].to_numpy(float)
+    f = (pts["mean"].to_numpy(float) - empty) / (full - empty)
+    if not np.isclose(k, 1.0, rtol=0, atol=1e-9).any():
+        k, f = np.append(k, 1.0), np.append(f, 1.0)
+    _, _, how = mib_curve_points(k, f)
+    if how == "short":
+        return math.nan, math.nan, (f"n/a: sizes from {100 * float(k.min()):.3g}% of the edges, MIB's from "
+                                    f"{100 * min(MIB_EDGE_FRACTIONS):g}% (--sparsities mib)")
+    cpr, cmd = float(circuit_performance_ratio(k, f)), float(circuit_model_distance(k, f))
+    if how == "grid":
+        return cpr, cmd, "MIB grid"
+    inside = int((k >= min(MIB_EDGE_FRACTIONS) - 1e-9).sum())
+    return cpr, cmd, f"measured: {inside} sizes from 0.001 to 1, not MIB's grid"
+
+
 def main_variant(curves: list[Curve]) -> tuple:
     """The (preset, n_train) of a panel's main sweep: the variant with the most points."""
     counts: dict[tuple, int] = {}
@@ -166,7 +202,7 @@ def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[Nor
         k, f = normalise(c, full, empty)
         out.append(NormalisedCurve(c, k, f, area_linear(k, f),
                                    area_log(k, f, log_from) if math.isfinite(log_from) else math.nan,
-                                   log_from, full, empty))
+                                   log_from, full, empty, *mib_areas(c, full, empty)))
     return out
 
 

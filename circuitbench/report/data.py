@@ -28,7 +28,7 @@ from ..errors import UserError
 # The paper's task order; tasks not listed come after these, alphabetically.
 TASK_ORDER = ("ioi-t1", "ioi", "gt", "gp", "boolexpr-ip", "boolexpr-fs", "tracr-xproportion", "tracr-reverse")
 # Methods in a fixed order so colours and rows line up across figures and tables.
-METHOD_ORDER = ("ep", "acdc", "eap", "eap-ig", "random")
+METHOD_ORDER = ("ep", "acdc", "eap", "eap-ig", "eap-ig-act", "eap-mask-ig", "ensemble", "random")
 
 METRIC_LABELS = {
     "kl": "KL divergence",
@@ -107,8 +107,11 @@ def _config(text) -> dict:
 def _variant(method_config: dict) -> str:
     """How a job ran its method when it is not the method's plain way: "path" (Edge Pruning's
     sparsity path), "warm <method>" (a warm start), "no node loss" (Edge Pruning without its node
-    term); "" otherwise."""
+    term), "<member>+<member> <combine> <normalise>" (an ensemble's members and rules); "" otherwise."""
     parts = []
+    members = method_config.get("members")
+    if isinstance(members, list) and members:
+        parts.append(f"{'+'.join(map(str, members))} {method_config.get('combine')} {method_config.get('normalise')}")
     if method_config.get("schedule") == "path":
         parts.append("path")
     if method_config.get("warm_start"):

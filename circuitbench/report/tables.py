@@ -43,7 +43,8 @@ def _join(values) -> str:
 
 # ---- AUC -------------------------------------------------------------------------------------------
 def auc_table(data: ReportData) -> Artifact:
-    """MIB-style area under the normalised faithfulness curve, per method (series) and task."""
+    """MIB-style area under the normalised faithfulness curve, per method (series) and task: on a linear
+    and a log axis of the effective size, and MIB's CPR and CMD (`curves.mib_areas`)."""
     art = Artifact(kind="table", name="auc", title="Area under the normalised faithfulness curve", section="auc",
                    caption="f = (circuit − empty)/(full − empty) of the task's main metric, mean over seeds, "
                            "integrated over the fraction of edges kept k: linear axis over k in [0, 1] (the "
@@ -51,7 +52,17 @@ def auc_table(data: ReportData) -> Artifact:
                            "axis over log10 k from 'log from' (the largest smallest-k any method of the task's main "
                            "sweep measured, so those methods cover the same range) to 1, divided by that range's "
                            "width; a series that does not reach down to it (e.g. a scaling run at one sparsity) has "
-                           "no log-axis value. Higher is better; 1 = as faithful as the full model.")
+                           "no log-axis value. Higher is better; 1 = as faithful as the full model. "
+                           "cpr and cmd are MIB's circuit performance ratio and circuit-model distance (Mueller et "
+                           "al. 2025): the trapezoid area under f and under |1 − f| over the requested fraction of "
+                           "edges k = 1 − target sparsity from 0.001 to 1, linear axis, not divided by the width "
+                           "(f = 1 everywhere gives cpr 0.999, cmd 0); cpr higher is better, cmd lower. The "
+                           "'cpr/cmd points' column says what was integrated: 'MIB grid' (MIB's ten sizes 0.1%, "
+                           "0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100% all measured, other sizes left out: MIB's "
+                           "number), 'measured' (the sweep's own sizes spanning 0.001 to 1: the same integral on "
+                           "other points, not MIB's number) or 'n/a' (the sizes do not reach 0.001; run "
+                           "--sparsities mib). The full model stands for k = 1 (f = 1) unless a run at sparsity 0 "
+                           "was stored.")
     rows = []
     for task, model, metric, normed in normalised_panels(data):
         if not normed:
@@ -61,7 +72,8 @@ def auc_table(data: ReportData) -> Artifact:
             rows.append({"task": task, "model": model, "method": c.method, "preset": c.method_preset,
                          "n_train": c.n_train, "series": c.label, "metric": metric,
                          "full": n.full, "empty": n.empty, "sparsities": len(c.points), "seeds": c.n_seeds,
-                         "auc_linear": n.auc_linear, "auc_log": n.auc_log, "log from (k)": n.log_from})
+                         "auc_linear": n.auc_linear, "auc_log": n.auc_log, "log from (k)": n.log_from,
+                         "cpr": n.cpr, "cmd": n.cmd, "cpr/cmd points": n.mib_grid})
             art.run_ids += c.run_ids
     if not rows:
         art.reason = ("no task has both runs and full-model/empty-circuit references to normalise against"
