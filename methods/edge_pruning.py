@@ -113,6 +113,7 @@ class EdgePruningConfig:
     ramp_steps: int = 2500  # the target ramps linearly from 0 over these steps
     lr: float = 0.8  # log alphas
     lambda_lr: float = 0.8  # Lagrange multipliers (gradient ascent)
+    lambda_beta2: float = 0.999  # the multipliers' Adam second-moment decay (the paper's 0.999 remembers the ramp's large gaps for ~1,000 steps)
     warmup_steps: int = 0  # linear learning-rate warm-up of both optimisers
     lr_decay: bool = False  # after the warm-up, decay both learning rates linearly to 0 at the last step
     edge_target: float | None = None  # train toward this edge sparsity whatever is requested (Tracr)
@@ -282,7 +283,7 @@ class EdgePruning(CircuitMethod):
             la_node = torch.nn.Parameter(la_node.float())
             lambdas = torch.nn.Parameter(torch.zeros(4, device=dev))  # edge l1, l2, node l1, l2
             opt = torch.optim.Adam([la_edge, la_node], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-            opt_l = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+            opt_l = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, betas=(0.9, cfg.lambda_beta2), eps=1e-8, weight_decay=0.0,
                                      maximize=True)
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, _lr_factor(cfg)) for o in (opt, opt_l)]
             with torch.no_grad():
@@ -530,6 +531,8 @@ def _check(cfg):
                         f"{cfg.stop_sparsity_tol}")
     if cfg.stop_window < 1 or cfg.stage_ramp_steps < 0:
         raise UserError("edge pruning needs stop_window >= 1 and stage_ramp_steps >= 0")
+    if not 0 <= cfg.lambda_beta2 < 1:
+        raise UserError(f"ep.lambda_beta2 must lie in [0, 1), got {cfg.lambda_beta2}")
     if cfg.schedule == "path" and cfg.lr_decay:
         raise UserError("ep.lr_decay decays the learning rate to 0 at the last step of one run; the path has "
                         "no fixed last step: use it with schedule = 'independent'")

@@ -331,10 +331,24 @@ def test_path_is_deterministic(small, path_run):
     ({"stop_tol": 0.0}, "must be > 0"),
     ({"stop_tol": -1.0}, "must be > 0"),
     ({"schedule": "path", "lr_decay": True}, "no fixed last step"),
+    ({"lambda_beta2": 1.0}, "lambda_beta2 must lie in"),
+    ({"lambda_beta2": -0.1}, "lambda_beta2 must lie in"),
 ])
 def test_bad_schedule_and_stop_values(override, msg):
     with pytest.raises(UserError, match=msg):
         EdgePruning(**override).config_for(SyntheticTask())
+
+
+def test_lambda_beta2_is_the_multipliers_adam_decay(small):
+    # the multipliers' first Adam step is lr * sign(gap) whatever beta2; later steps depend on it
+    _, eng = small
+    cfg = dict(FAST, steps=12, ramp_steps=4, log_every=1, lambda_lr=1.0)
+    logs = {b: EdgePruning(lambda_beta2=b, **cfg).discover(eng, SyntheticTask(), make_examples(16), None, [0.7],
+                                                            progress=False).log for b in (0.999, 0.5)}
+    first = {b: [e["lambda1"] for e in log if e["step"] == 0][0] for b, log in logs.items()}
+    last = {b: [e["lambda1"] for e in log][-1] for b, log in logs.items()}
+    assert first[0.999] == pytest.approx(first[0.5])
+    assert last[0.999] != pytest.approx(last[0.5])
 
 
 def test_sweep_plans_one_path_job_for_the_whole_grid():
