@@ -15,8 +15,19 @@ the paired ratios, so load from other processes largely cancels:
   weighted by how many edges enter the readers of each slot, i.e. averaged over the trials of a run
   in which every reader stays connected; what a slot's trials share (computed by its first trial)
   is charged to them in equal parts;
+- ``acdc_batched_trial_over_plain_forward``: the same average for batched trials (``acdc_trial_batch``
+  copies per pass, ACDC's default width; `methods.acdc.Trials.losses`): a pass tries a reader's
+  latest edges removed cumulatively and its time is split over its copies, so it is a trial's
+  cost in a run of accepted trials; ``acdc_batched_speedup`` = the one-by-one ratio over this one.
+  Every reader connected (the full model) is the dense case, where a copy costs nearly a whole
+  trial; in a search most trials run on a sparse circuit, where the shared parts of a pass (weights
+  read, per-layer overhead) dominate: `acdc_search_benchmark` measures that;
 - ``eap_over_plain``: EAP on the batch (corrupted pass, masked forward, backward to the masks) over
   one plain forward+backward.
+
+`acdc_search_benchmark` (``circuitbench bench acdc-search``, by default smollm2-135m's ioi with 4
+training examples at tau 0.01) runs ACDC's whole search one trial per pass and batched in one
+process and reports trials per second of each, their ratio and whether the circuits are identical.
 
 ``*_frozen`` variants divide by a plain forward+backward with frozen weights (gradient to the input
 embeddings only), the strictest baseline. ``memory`` adds the peak memory of an EP step and of a
@@ -127,12 +138,16 @@ def _eap_fn(mm, task, examples):
     return run
 
 
-def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, device=None):
+def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, device=None, copies=1):
     """Per read slot: the ratio of one ACDC trial restarting there to a plain forward timed right
     before it, and the number of edges entering the readers of each slot. The first trial at a
     slot also computes what the slot's trials share (`methods.acdc.Trials`): its extra time is
     spread over the slot's trials, one per edge. Later trials are timed as rejected ones (the
-    search's stack is the full model's again after each), median of ``repeats``."""
+    search's stack is the full model's again after each), median of ``repeats``.
+
+    ``copies`` > 1: batched trials (`Trials.losses`): one pass tries the reader's latest
+    ``min(copies, edges into it)`` edges, removed cumulatively, and a trial's time is the pass's
+    divided by its copies (every copy decided: a run of accepted trials)."""
     from methods._common import BatchPlan
     from methods.acdc import Trials, _reader_order
 
@@ -153,20 +168,36 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
                 continue
             mask = full.clone()
             mask[0, reader] = 0.0  # remove one edge into a reader of this slot
+            k = min(copies, int(visible[reader]))
+            values = full[:, reader].repeat(k, 1)
+            for j in range(k):  # copy j: the reader's latest j + 1 edges removed
+                values[j:, int(visible[reader]) - 1 - j] = 0.0
 
             def trial():  # a rejected trial: the search goes on from the full model
-                trials.loss(mask, reader, slot)
-                trials.settle(False)
+                if k == 1:
+                    trials.loss(mask, reader, slot)
+                    trials.settle(False)
+                else:
+                    trials.losses(full, reader, slot, values)
+                    trials.settle_copies(False)
             base = _once(plain_forward, device)
-            first[slot] = _once(trial, device) / base
-            steady[slot] = statistics.median(_once(trial, device) / _once(plain_forward, device)
+            first[slot] = _once(trial, device) / base / k
+            steady[slot] = statistics.median(_once(trial, device) / k / _once(plain_forward, device)
                                              for _ in range(repeats))
     ratios = {s: steady[s] + max(first[s] - steady[s], 0.0) / weights[s] for s in steady}
     if progress:
+        what = "acdc trial" if copies == 1 else f"batched ({copies})"
         for s, r in ratios.items():
-            print(f"  acdc trial at slot {s:<3}     {r:6.3f} x plain forward (first at the slot {first[s]:.3f})",
+            print(f"  {what} at slot {s:<3}   {r:6.3f} x plain forward (first at the slot {first[s]:.3f})",
                   file=sys.stderr)
     return ratios, weights
+
+
+def _acdc_default_width() -> int:
+    """ACDC's default batched-trial width, from the method registry (the harness imports no method)."""
+    from .method import get_method
+
+    return int(get_method("acdc").Config.trial_batch)
 
 
 def _ep_peak_mib(spec, batch, seq, threads, device="cpu", dtype=None, checkpoint=False) -> float:
@@ -243,6 +274,10 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         say(name, t[name])
     slot_ratios, weights = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress, dev)
     acdc = sum(slot_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
+    width = _acdc_default_width()
+    batched_ratios, _ = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress, dev,
+                                           copies=width)
+    batched = sum(batched_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
 
     result = {
         "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats, **info,
@@ -251,6 +286,10 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         "acdc_trial_over_plain_forward": acdc,
         "acdc_trial_slowest_slot_over_plain_forward": max(slot_ratios.values()),
         "acdc_trial_s": acdc * t["plain_forward"],
+        "acdc_trial_batch": width,
+        "acdc_batched_trial_over_plain_forward": batched,
+        "acdc_batched_trial_s": batched * t["plain_forward"],
+        "acdc_batched_speedup": acdc / batched,
     }
     if memory:
         from .bench import _peak_rss_mib
@@ -258,6 +297,75 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         result["plain_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, "plain", dev, dtype, checkpoint)
         result["ep_step_peak_mib"] = _ep_peak_mib(spec, batch, seq, threads, dev, dtype, checkpoint)
         result["memory_ep_over_plain"] = result["ep_step_peak_mib"] / max(result["plain_peak_mib"], 1e-9)
+    return result
+
+
+def acdc_search_benchmark(spec="smollm2-135m", batch=32, seq=20, threads=1, repeats=1, memory=False,
+                          progress=True, device="cpu", dtype=None, checkpoint=False, task="ioi", n_train=4,
+                          tau=0.01, save=None) -> dict:
+    """ACDC's trials per second one by one and batched, in one process on the same data.
+
+    Runs ACDC's whole greedy search at ``tau`` (the ``quick`` preset otherwise) on ``n_train``
+    training examples of ``task`` twice through the method registry: ``trial_batch=1`` (every
+    trial its own pass), then the method's default width. Trials per second = the search's trials
+    over its wall seconds (the ``search`` phase). Reports both, their ratio
+    (``batched_trials_per_s_ratio``), the batched run's passes and copies, whether
+    the two circuits are identical (``same_circuit``) and the largest difference of the loss
+    increases, and the load average before and after each run (other processes on the machine
+    slow a run down: compare runs under similar load). ``batch``, ``seq``, ``repeats``, ``memory``
+    and ``checkpoint`` are accepted for the common signature and unused: the task fixes the data.
+    ``save`` (a folder): write both circuits there (``sequential.json``, ``batched.json``, with the
+    increase measured for every tried edge as its score).
+    """
+    import os
+    import time
+
+    from .engine import MaskedModel
+    from .method import get_method
+    from .models import load_model
+    from .tasks import get_task
+
+    info = hardware(device, dtype, False)
+    torch.set_num_threads(threads)
+    model = load_model(spec, device=info["device"], dtype=dtype)
+    engine = MaskedModel(model)
+    the_task = get_task(task)
+    train = the_task.build(model.tokenizer, seed=0, n_train=n_train).train
+    acdc = get_method("acdc")
+    width = int(acdc.Config.trial_batch)
+    result = {"model": spec, "task": task, "n_train": len(train), "tau": tau, "threads": threads, **info,
+              "trial_batch": width}
+    runs = {}
+    for name, k in (("sequential", 1), ("batched", width)):
+        load = os.getloadavg()
+        start = time.perf_counter()
+        res = acdc(preset="quick", taus=(tau,), trial_batch=k).discover(engine, the_task, train, None, [],
+                                                                        progress=progress)
+        wall = time.perf_counter() - start
+        row = res.info["taus"][0]
+        seconds = res.cost.wall_s["search"]
+        runs[name] = next(iter(res.circuits.values()))
+        result.update({f"{name}_trials": row["trials"], f"{name}_search_s": seconds, f"{name}_wall_s": wall,
+                       f"{name}_trials_per_s": row["trials"] / seconds, f"{name}_passes": row.get("passes"),
+                       f"{name}_copies": row.get("copies"), f"{name}_load_before": load[0],
+                       f"{name}_load_after": os.getloadavg()[0]})
+        if progress:
+            print(f"  acdc {name} (trial_batch {k}): {row['trials']} trials in {seconds:.1f} s = "
+                  f"{row['trials'] / seconds:.2f} trials/s (load {load[0]:.2f} -> {os.getloadavg()[0]:.2f})",
+                  file=sys.stderr)
+    a, b = runs["sequential"], runs["batched"]
+    if save:
+        from pathlib import Path
+
+        Path(save).mkdir(parents=True, exist_ok=True)
+        for name, circuit in runs.items():
+            circuit.save(Path(save) / f"{name}.json")
+    result["same_circuit"] = bool(torch.equal(a.edges, b.edges))
+    both = ~torch.isnan(a.scores) & ~torch.isnan(b.scores)
+    result["same_edges_tried"] = bool(torch.equal(torch.isnan(a.scores), torch.isnan(b.scores)))
+    result["max_increase_difference"] = float((a.scores[both] - b.scores[both]).abs().max()) if both.any() else 0.0
+    result["batched_trials_per_s_ratio"] = (result["batched_trials_per_s"]
+                                            / result["sequential_trials_per_s"])
     return result
 
 

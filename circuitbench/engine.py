@@ -24,11 +24,12 @@ of the full pass, exactly. Passes restarted at a read slot (ACDC) can recompute 
 that layer (``fresh_heads``) and share later reads' parts from the writers before the slot
 (``prefix``).
 
-When every edge has the same coefficient (the full model; EAP's and EAP-IG's masks), a read is a
+When every edge has the same coefficient (the full model; EAP's and eap-mask-ig's masks), a read is a
 running sum of the stack and each writer's gradient one row (`_UniformRead`).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ class _ReadMix(torch.autograd.Function):
 
 class _UniformRead(torch.autograd.Function):
     """`_ReadMix` when every kept coefficient is the same number ``c`` (the full model; EAP and
-    EAP-IG's masks ``alpha * 1``): every reader of the read point sees ``base + c * running``, where
+    eap-mask-ig's masks ``alpha * 1``): every reader of the read point sees ``base + c * running``, where
     ``running`` is the sum of the stack's first W rows, kept up to date as writers are pushed. The
     read costs one row instead of a [R, W] x [W, N] product, and backward hands every writer the same
     gradient row, ``c`` times the sum of the gradients of every reader after it (``state.suffix``),
@@ -296,7 +297,7 @@ class MaskedModel(torch.nn.Module):
     # ---- the masked pass -----------------------------------------------------------------------------
     def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
                 node_mask=None, positions=None, ablation="interchange", corrupted=None,
-                start_slot=0, stack=None, fresh_heads=None, prefix=None):
+                start_slot=0, stack=None, fresh_heads=None, prefix=None, column=None):
         """The masked pass; see the class docstring.
 
         Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
@@ -325,6 +326,22 @@ class MaskedModel(torch.nn.Module):
         writers before the slot. The first pass of the series stores it in ``prefix``, [readers,
         tokens * d] per later read point, and the others read only the rows from the slot on. Start a
         new dict whenever the slot, the stack's earlier rows or a later reader's edges change.
+
+        ``column=(reader, values)`` (restarts without autograd only, on an adapter with head
+        subsets; ``values`` a ``[K, writers]`` tensor): K copies of the restarted pass in one,
+        copy k's edge mask being ``edge_mask`` with ``reader``'s column replaced by ``values[k]``
+        (ACDC's batched trials: K candidate removals into one reader). ``start_slot`` must be
+        ``reader``'s read slot. Returns ``[K * B, P, vocab]``, copy k in rows ``k*B:(k+1)*B``. The
+        copies share the stack's rows of the writers before the slot (read once, never copied) and
+        every later read's part from them (``prefix`` works as for single passes, with the same
+        keys); the copies' own rows, from the slot on, live in a scratch buffer of the call:
+        ``stack`` is read, never written (at slot 0 its input row is rewritten, as by every pass
+        from slot 0), so ``stack`` still holds what it held before. With ``fresh_heads`` (an
+        attention slot), each copy computes those heads and the heads ``reader`` feeds (added when
+        missing); the other live heads of the layer are taken from ``stack``, the same in every
+        copy. Later reads use ``edge_mask`` in every copy. Raises ValueError with autograd on,
+        without ``stack``, on an adapter without head subsets, or when ``start_slot`` is not the
+        reader's slot (there is no fallback: the caller runs K single passes instead).
         """
         a, g = self.adapter, self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
@@ -335,6 +352,8 @@ class MaskedModel(torch.nn.Module):
             raise ValueError("a pass that starts after the embeddings needs the writer stack (stack=)")
         if fresh_heads is not None and (stack is None or start_slot % 2 or start_slot == 2 * self._L):
             raise ValueError("fresh_heads needs a restart at an attention slot (even start_slot < 2L) and stack=")
+        if column is not None:
+            column = self._check_column(column, start_slot, stack, node_mask)
         if corrupted is None:
             corrupted = self.corrupted_cache(corrupted_ids, attention_mask, ablation, shape=(B, S))
         elif corrupted.shape != (B, S):
@@ -356,9 +375,14 @@ class MaskedModel(torch.nn.Module):
             buf = stack
 
         if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
-            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads, prefix)
-        if fresh_heads is not None or prefix is not None:
-            raise ValueError("fresh_heads and prefix need a pass without autograd on an adapter with head_subsets")
+            if column is not None:  # the copies' attention sees every copy's batch rows
+                K = column[1].shape[0]
+                ctx = a.context(S, None if attention_mask is None else attention_mask.repeat(K, 1), self.device)
+            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads, prefix,
+                                     column)
+        if fresh_heads is not None or prefix is not None or column is not None:
+            raise ValueError("fresh_heads, prefix and column need a pass without autograd on an adapter with "
+                             "head_subsets")
         state = _StackGrad()
         recompute = self.checkpoint and torch.is_grad_enabled()
         # one coefficient on every edge (the full model, EAP): reads are one running sum
@@ -432,22 +456,112 @@ class MaskedModel(torch.nn.Module):
         alive[0] = (nz[0] & need).any()
         return alive
 
-    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None, prefix=None):
+    def read_slot(self, reader: int) -> int:
+        """The read slot of ``reader`` (`CorruptedCache` numbering: 2l = layer l's attention
+        readers, 2l+1 = its MLP reader, 2L = the logits)."""
+        g = self.graph
+        if reader == g.logits_reader:
+            return 2 * self._L
+        layer, offset = divmod(reader, g.readers_per_layer)
+        return 2 * layer + int(offset >= g.attn_readers_per_layer)
+
+    def _fed_heads(self, reader: int) -> list[int]:
+        """The heads (indices within their layer) whose input ``reader`` is: a query reader's head,
+        every head of a key/value reader's group; none for an MLP reader or the logits."""
+        g = self.graph
+        if reader == g.logits_reader:
+            return []
+        offset = reader % g.readers_per_layer
+        if offset < g.n_heads:
+            return [offset]
+        if offset < g.attn_readers_per_layer:
+            group = (offset - g.n_heads) % g.kv_heads
+            per = g.n_heads // g.kv_heads
+            return list(range(group * per, (group + 1) * per))
+        return []
+
+    def _check_column(self, column, start_slot, stack, node_mask):
+        """``forward``'s ``column`` validated: (reader, values [K, W] on the engine's device and dtype,
+        node mask applied)."""
+        g = self.graph
+        try:
+            reader, values = column
+            reader = int(reader)
+        except (TypeError, ValueError):
+            raise ValueError("column must be a pair (reader, values [K, writers])") from None
+        if torch.is_grad_enabled() or not getattr(self.adapter, "head_subsets", False):
+            raise ValueError("column needs a pass without autograd (torch.no_grad()) on an adapter with head_subsets")
+        if stack is None:
+            raise ValueError("column needs a restart from a writer stack (stack=)")
+        if not 0 <= reader < g.n_readers:
+            raise ValueError(f"column's reader must lie in [0, {g.n_readers}), got {reader}")
+        if self.read_slot(reader) != start_slot:
+            raise ValueError(f"column's reader {reader} is read at slot {self.read_slot(reader)}, "
+                             f"not at start_slot {start_slot}")
+        values = torch.as_tensor(values)
+        if values.dim() != 2 or values.shape[1] != g.n_writers or values.shape[0] < 1:
+            raise ValueError(f"column's values must be [K >= 1, {g.n_writers}], got {tuple(values.shape)}")
+        values = values.to(device=self.device, dtype=self.dtype)
+        if node_mask is not None:
+            values = values * node_mask.to(device=self.device, dtype=self.dtype)[None, :]
+        return reader, values
+
+    def _writers_before(self, slot: int) -> int:
+        """How many writers are computed before read slot ``slot``."""
+        g = self.graph
+        if slot == 2 * self._L:
+            return g.n_writers
+        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.writers_before_mlp(slot // 2)
+
+    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None, prefix=None,
+                     column=None):
         """The masked pass without autograd, computing only live writers (`live_writers`): dead
         heads and MLPs and their readers are skipped; a read point gathers the rows of the writers
         with a non-zero coefficient when they are few, and otherwise reads the stack in place. Equal to the full
         masked pass up to float rounding. Stack rows of dead writers are left as
         they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
         writer live), so they must only be finite: a new stack starts at zero, and a given one was
-        filled by an earlier pass. ``fresh_heads``, ``prefix``: see `forward`."""
+        filled by an earlier pass. ``fresh_heads``, ``prefix``, ``column``: see `forward`.
+
+        With ``column`` (K copies), rows of writers before the slot are read from ``buf`` once for
+        all copies; the rows of the live writers from the slot on are written to ``own`` ``[live
+        writers after, K * B*S*d]`` (in writer order; copy k's part of a row at ``k*B*S*d``), so a
+        later read is one product over the copies' rows, ``[R, K * tokens * d]``, plus the copies'
+        shared part from the writers before the slot. Dead writers get no row (every coefficient
+        that would read one is 0).
+        """
         a, g, d = self.adapter, self.graph, self.adapter.d_model
         B, S = ids.shape
         N = B * S * d
         ytil = corrupted.writers
         live_list = self.live_writers(mask).tolist()
+        K = 1 if column is None else column[1].shape[0]
+        before = self._writers_before(start_slot)  # rows the copies share (column passes)
+        own = None
+        if column is not None:
+            reader_k, values_k = column
+            after = [w for w in range(before, g.n_writers) if live_list[w]]  # the copies' own rows
+            row_of = {w: i for i, w in enumerate(after)}
+            after_t = torch.tensor(after, device=self.device, dtype=torch.long)
+            own = buf.new_empty(len(after), K * N)
 
-        def push(index, out):  # index: a slice or a LongTensor of writer rows; out [n, B, S, d]
-            flat = out.reshape(out.shape[0], N)
+        def push(index, out):  # index: a slice or a LongTensor of writer rows; out [n, K*B, S, d]
+            flat = out.reshape(out.shape[0], -1)
+            if own is not None and not (isinstance(index, slice) and index.stop <= before):
+                n = out.shape[0]  # a copy's rows: the copies' own buffer, D = out - y~ per copy
+                if isinstance(index, slice):  # live writers, consecutive in ``own`` too
+                    at = row_of[index.start]
+                    dest = own[at:at + n]
+                    if ytil is None:
+                        dest.copy_(flat)
+                    else:
+                        torch.sub(flat.view(n, K, N), ytil[index][:, None, :], out=dest.view(n, K, N))
+                    return
+                if ytil is not None:
+                    flat = (flat.view(n, K, N) - ytil.index_select(0, index)[:, None, :]).view(n, K * N)
+                at = torch.tensor([row_of[w] for w in index.tolist()], device=self.device)
+                own.index_copy_(0, at, flat)
+                return
             if isinstance(index, slice):  # contiguous rows: written in place, no temporaries
                 if ytil is None:
                     buf[index] = flat
@@ -458,35 +572,60 @@ class MaskedModel(torch.nn.Module):
                 flat = flat - ytil.index_select(0, index)
             buf.index_copy_(0, index, flat)
 
-        def mix(base, m, lo, hi, token_rows):  # base + m.T @ (stack rows lo..hi), m: [hi - lo, R]
-            # only writers with a non-zero coefficient contribute (all of them live, so finite rows)
+        def mix(base, m, lo, hi, token_rows, src_buf=None, offset=0, copies=1):
+            # base + m.T @ (rows lo..hi of src_buf, numbered from ``offset``), m: [hi - lo, R]; only
+            # writers with a non-zero coefficient contribute (all of them live, so finite rows).
+            # ``copies``: each row holds that many copies of the tokens (the column pass's own rows)
+            src_buf = buf if src_buf is None else src_buf
+            lo_, hi_ = lo - offset, hi - offset
             used = (m != 0).any(1).nonzero().flatten()
             k = len(used)
             if token_rows is not None:  # a few token rows of the writers read: a small gather
-                src = buf[lo:hi].view(hi - lo, N // d, d)[used[:, None], token_rows[None, :]]
+                if copies > 1:
+                    token_rows = (torch.arange(copies, device=token_rows.device)[:, None] * (B * S)
+                                  + token_rows[None, :]).flatten()
+                src = src_buf[lo_:hi_].view(hi - lo, copies * B * S, d)[used[:, None], token_rows[None, :]]
                 src, m = src.reshape(k, len(token_rows) * d), m[used]
             elif (2 if m.shape[1] >= 4 else 3) * k <= hi - lo:  # few rows read: gather them
-                src, m = buf.index_select(0, used + lo), m[used]
+                src, m = src_buf.index_select(0, used + lo_), m[used]
             else:  # every row: the others are read with coefficient 0 (finite: see the docstring)
-                src = buf[lo:hi]
+                src = src_buf[lo_:hi_]
+            if base is None:
+                return m.t() @ src
             return torch.addmm(base, m.t(), src)
 
         # writers before the restart slot: their part of every later read is the same in every pass
         # of the caller's series (`forward`'s ``prefix``), so it is computed once
-        first = 0 if not start_slot else (g.writers_before_attn(start_slot // 2) if start_slot % 2 == 0
-                                          else g.writers_before_mlp(start_slot // 2))
+        first = 0 if not start_slot else before
+        shared_first = first if column is None else before
 
         def read(n_writers, readers, slot, token_rows=None):
             base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
             m = mask[:n_writers, readers]
+            if column is not None and slot == start_slot:  # the one read that differs between copies
+                x = mix(base, m, 0, n_writers, token_rows)  # [R, tokens*d], the same in every copy
+                xs = x[:, None, :].expand(-1, K, -1)
+                pos = (list(range(readers.start, readers.stop)) if isinstance(readers, slice)
+                       else readers.tolist())
+                if reader_k in pos:
+                    xs = xs.clone()
+                    xs[pos.index(reader_k)] = mix(base, values_k[:, :n_writers].t(), 0, n_writers, token_rows)
+                return xs.reshape(x.shape[0], -1)
             lo = 0
-            if prefix is not None and slot > start_slot and first:
+            if prefix is not None and slot > start_slot and shared_first:
                 key = (slot, tuple(range(readers.start, readers.stop)) if isinstance(readers, slice)
                        else tuple(readers.tolist()))
                 if key not in prefix:
-                    prefix[key] = mix(base, m[:first], 0, first, token_rows)
-                base, lo = prefix[key], first
-            return mix(base, m[lo:], lo, n_writers, token_rows)
+                    prefix[key] = mix(base, m[:shared_first], 0, shared_first, token_rows)
+                base, lo = prefix[key], shared_first
+            if column is None:
+                return mix(base, m[lo:], lo, n_writers, token_rows)
+            if not lo:  # the copies' shared part, from the writers before the slot
+                base = mix(base, m[:before], 0, before, token_rows)
+            c = bisect.bisect_left(after, n_writers)  # the live writers from the slot on read here
+            mine = mix(None, m.index_select(0, after_t[:c]), 0, c, token_rows, own, 0, K)  # [R, K*tokens*d]
+            R = mine.shape[0]
+            return (mine.view(R, K, -1) + base.view(-1, 1, mine.shape[1] // K)).view(R, -1)
 
         dev = self.device
         if start_slot == 0:
@@ -494,31 +633,38 @@ class MaskedModel(torch.nn.Module):
         H, G = g.n_heads, g.kv_heads
         for l in range(start_slot // 2, self._L):
             hs, ar = g.head_writers(l), g.attn_readers(l)
-            heads = [h for h in range(H) if live_list[hs.start + h]]
+            live_heads = [h for h in range(H) if live_list[hs.start + h]]
+            heads = live_heads
             if fresh_heads is not None and 2 * l == start_slot:  # the other heads' rows are given
                 fresh = set(int(h) for h in fresh_heads)
+                if column is not None:
+                    fresh.update(self._fed_heads(reader_k))
                 heads = [h for h in heads if h in fresh]
+                if column is not None:  # the given rows, the same in every copy
+                    for h in live_heads:
+                        if h not in fresh:
+                            own[row_of[hs.start + h]].view(K, N).copy_(buf[hs.start + h].expand(K, N))
             if start_slot <= 2 * l and heads:
                 if len(heads) == H:
-                    x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, B, S, d)
+                    x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, K * B, S, d)
                     out = a.attention(l, x, ctx, per_head=True)
                     index = hs
                 else:
                     sub = torch.tensor(heads, device=dev)
                     groups, _ = a.kv_groups(sub)
                     readers = torch.cat([ar.start + sub, ar.start + H + groups, ar.start + H + G + groups])
-                    x = read(g.writers_before_attn(l), readers, 2 * l).view(-1, B, S, d)
+                    x = read(g.writers_before_attn(l), readers, 2 * l).view(-1, K * B, S, d)
                     out = a.attention(l, x, ctx, per_head=True, heads=sub)
                     index = hs.start + sub
                 push(index, out)
             mw = g.mlp_writer(l)
             if live_list[mw]:
                 mr = g.mlp_reader(l)
-                x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(B, S, d)
+                x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(K * B, S, d)
                 push(slice(mw, mw + 1), a.mlp(l, x)[None])
         lr = g.logits_reader
         final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
-        return a.unembed(final.view(B, P, d))
+        return a.unembed(final.view(K * B, P, d))
 
     def _uniform_value(self, mask) -> float | None:
         """The one value every edge of the graph has in ``mask``, or None when they differ."""

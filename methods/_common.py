@@ -84,14 +84,18 @@ class BatchPlan:
 
     def rows_mib(self, rows: int) -> float:
         """Memory of ``rows`` rows of [tokens * d_model] for every batch of the split (MiB)."""
+        return sum(self._part_rows_mib(rows))
+
+    def batch_rows_mib(self, rows: int) -> float:
+        """Memory of ``rows`` rows of [tokens * d_model] for the largest batch of the split (MiB)."""
+        return max(self._part_rows_mib(rows))
+
+    def _part_rows_mib(self, rows: int) -> list[float]:
         d = self.engine.adapter.d_model
         elem = torch.finfo(self.engine.dtype).bits // 8
         widths = self.examples.attention_mask.sum(1)
         widths = torch.maximum(widths, self.examples.positions.max(1).values + 1)
-        total = 0
-        for part in self.parts:
-            total += len(part) * int(widths[part].max()) * d * rows * elem
-        return total / 2**20
+        return [len(part) * int(widths[part].max()) * d * rows * elem / 2**20 for part in self.parts]
 
     def get(self, index: int) -> PreparedBatch:
         """Batch ``index`` of the partition, prepared (from the cache when the plan keeps it)."""

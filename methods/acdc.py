@@ -14,6 +14,13 @@ visited from the last to the first), which is kept per batch; see `MaskedModel.f
 ``start_slot``/``stack``. At an attention slot only the heads whose inputs changed are recomputed,
 and later reads reuse their part from writers before the slot (`Trials`).
 
+Batched trials (``trial_batch`` > 1, `run_acdc`): one pass tries a reader's next K candidate edges
+as K copies (`MaskedModel.forward`'s ``column``), copy k with the first k + 1 of them removed, as if
+every earlier one were accepted; the copies are decided in order exactly as one-by-one trials
+would be, up to and including the first rejection, and the next pass starts after it. The circuit
+and the recorded increases are the sequential search's. K adapts to runs of rejections (`_Width`)
+and is capped by memory (`trial_width`).
+
 A sweep over ``taus`` gives one circuit per tau (keyed by its realised sparsity in
 ``MethodResult.circuits``; each circuit's ``scores`` hold the loss increase measured for each
 tried edge, NaN for edges never tried). ``MethodResult.scores`` ranks the edges for cutting at any
@@ -39,6 +46,8 @@ class ACDCConfig:
     taus: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # thresholds on the KL increase
     batch_size: int = 32
     cache_mib: float = 4096.0  # corrupted caches and full-model writer stacks kept when they fit
+    trial_batch: int = 8  # most candidate edges of one reader tried in one batched pass (1: one by one)
+    adapt: bool = True  # halve the batch after a rejection, double it after a pass of accepts (`_Width`)
     per_task: dict = field(default_factory=dict)
 
 
@@ -55,10 +64,17 @@ class ACDC(CircuitMethod):
     produces = "scores"
 
     @classmethod
+    def check_config(cls, config) -> None:
+        if isinstance(config.trial_batch, bool) or not isinstance(config.trial_batch, int) or config.trial_batch < 1:
+            raise UserError(f"acdc needs trial_batch >= 1 (an integer), got {config.trial_batch!r}")
+
+    @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
         taus = ", ".join(f"{float(t):g}" for t in config["taus"])
+        width = int(config.get("trial_batch", 1))
+        batched = f"; up to {width} trials of one reader share a pass" if width > 1 else ""
         return (f"one greedy search per tau ({taus}); each trial a pass over {n_train} training examples "
-                f"(batches of {config['batch_size']})")
+                f"(batches of {config['batch_size']}){batched}")
 
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
@@ -72,15 +88,20 @@ class ACDC(CircuitMethod):
         # without the prepared batches kept, every trial redoes the corrupted and full passes
         result = MethodResult(circuits={}, info={"taus": [], "batches_kept": plan.keep_corrupted,
                                                  "cache_estimate_mib": plan.estimate_mib()})
+        width = trial_width(engine, plan, cfg.trial_batch)
+        result.info.update(width)
         for i, tau in enumerate(taus):
+            stats = {}
             with meter.phase("search"):
                 edges, increase, kl, trials = run_acdc(engine, task, plan, tau, meter, progress,
-                                                       f"acdc {i + 1}/{len(taus)} tau={tau:g}")
+                                                       f"acdc {i + 1}/{len(taus)} tau={tau:g}",
+                                                       trial_batch=width["trial_batch"], adapt=cfg.adapt,
+                                                       stats=stats)
             scores = increase.cpu()
             circuit = Circuit(g, edges.cpu(), scores, meta={"method": "acdc", "tau": tau, "kl": kl})
             result.circuits.setdefault(circuit.sparsity, circuit)
             result.info["taus"].append({"tau": tau, "sparsity": circuit.sparsity, "n_edges": circuit.n_edges,
-                                        "kl": kl, "trials": trials})
+                                        "kl": kl, "trials": trials, **stats})
             result.log.append({"tau": tau, "sparsity": circuit.sparsity, "kl": kl, "trials": trials})
             if i == 0:
                 result.scores = ranking(increase.cpu())
@@ -160,6 +181,90 @@ class Trials:
         """After a trial: ``accepted`` when its mask becomes the current circuit."""
         self._stale = set() if accepted else self._trial
 
+    def losses(self, mask, reader, slot, values) -> list[float]:
+        """The losses of K trials in one batched pass (`MaskedModel.forward`'s ``column``): trial
+        k's mask is ``mask`` with ``reader``'s column replaced by ``values[k]``. The pass leaves the
+        writer stacks as they were; call `settle_copies` after it."""
+        if slot != self._slot:
+            self._slot, self._stale = slot, set()
+            self._prefixes = {} if self.share_prefix else None
+        fresh = None
+        if self.subsets and slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers:
+            first = self.engine.graph.head_writers(slot // 2).start
+            self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
+            fresh = sorted(self._trial | self._stale)
+        K = values.shape[0]
+        totals = [0.0] * K
+        for i, prepared in enumerate(self.plan.epoch()):
+            b = prepared.batch
+            logits = self.engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
+                                 ablation=self.plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
+                                 stack=prepared.stack, fresh_heads=fresh, column=(reader, values),
+                                 prefix=None if self._prefixes is None else self._prefixes.setdefault(i, {}))
+            B = len(b)
+            for k in range(K):  # summed as `_mean_loss` sums a single trial's
+                totals[k] += float(self.task.loss(logits[k * B:(k + 1) * B], prepared.reference, b).double().sum())
+            self.meter.forward(K)
+        return [t / self.plan.n_examples for t in totals]
+
+    def settle_copies(self, changed: bool):
+        """After a batched pass: ``changed`` when some of its trials were accepted. The pass wrote
+        no stack rows, so the heads the reader feeds keep rows made with its old column."""
+        if changed:
+            self._stale = self._stale | self._trial
+
+
+def trial_width(engine, plan, requested: int) -> dict:
+    """The batched trials' width limit K for this engine and plan, and why it is less than asked.
+
+    K copies of a pass hold K writer stacks of one batch (the rows from the trial's slot on) and K
+    times its activations: about 2 x K x writers x tokens x d_model of the largest batch. They share
+    ``cache_mib`` with what the plan keeps (the full model's logits, corrupted caches and writer
+    stacks, `Trials`' shared reads), and K shrinks to fit, never below 1. An adapter without head
+    subsets (`Adapter.head_subsets`) cannot run batched passes: K is 1 (every trial its own pass)."""
+    requested = int(requested)
+    if requested < 1:
+        raise UserError(f"acdc's trial_batch must be >= 1, got {requested}")
+    out = {"trial_batch_requested": requested, "trial_batch": requested}
+    if requested == 1:
+        return out
+    if not getattr(engine.adapter, "head_subsets", False):
+        out.update(trial_batch=1, trial_batch_reason="the adapter computes no head subsets, which batched "
+                                                     "trials need: one pass per trial")
+        return out
+    g = engine.graph
+    free = plan.cache_mib - plan.reference_mib()
+    if plan.keep_corrupted:
+        free -= plan.estimate_mib()
+        if plan.rows_mib(g.n_readers) <= free:  # `Trials`' shared reads
+            free -= plan.rows_mib(g.n_readers)
+    per_copy = 2 * plan.batch_rows_mib(g.n_writers)
+    cap = max(1, int(free // per_copy)) if per_copy > 0 else requested
+    if cap < requested:
+        out.update(trial_batch=cap, trial_batch_reason=f"{requested} copies of a pass need about "
+                                                       f"{requested * per_copy:.0f} MiB; {max(free, 0):.0f} MiB "
+                                                       "of cache_mib are left")
+    return out
+
+
+class _Width:
+    """How many candidate edges the next batched pass tries (K), between 1 and ``limit``.
+
+    ``adapt``: start at ``limit``; after a rejection halve K (the copies after a rejected one are
+    wasted, and rejections come in runs), after a pass whose trials were all accepted double it."""
+
+    def __init__(self, limit: int, adapt: bool = True):
+        self.limit, self.adapt = max(1, int(limit)), adapt
+        self.now = self.limit
+
+    def update(self, decided: int, all_accepted: bool):
+        if not self.adapt:
+            return
+        if all_accepted:
+            self.now = min(self.limit, self.now * 2)
+        else:
+            self.now = max(1, self.now // 2)
+
 
 def _reader_order(g):
     """(reader, read slot) pairs in reverse topological order."""
@@ -189,10 +294,19 @@ def _reader_nodes(g, reader) -> list[int]:
 
 
 @torch.no_grad()
-def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_subsets=True):
+def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_subsets=True, trial_batch=1,
+             adapt=True, stats=None):
     """One ACDC search at threshold ``tau``. Returns (edges bool [W, R], loss increase per tried
     edge [W, R] with NaN elsewhere, final mean loss, number of trials). ``head_subsets=False``
-    recomputes every live head of a trial's layer (the same search, slower; see `Trials`)."""
+    recomputes every live head of a trial's layer (the same search, slower; see `Trials`).
+
+    ``trial_batch`` > 1: a reader's next K <= ``trial_batch`` candidate edges are tried in one
+    batched pass, copy k with the first k + 1 of them removed (speculating that the earlier ones
+    are accepted); the copies are then decided in order exactly as one-by-one trials would be, up
+    to and including the first rejection (that copy's mask is the accepted edges plus the rejected
+    one removed: the sequential trial's mask), and the next pass starts after it. The circuit and
+    every recorded increase are the sequential search's (up to float rounding of the losses).
+    K adapts (`_Width`). ``stats`` (a dict) receives the passes and copies evaluated."""
     g = engine.graph
     dev = engine.device
     valid = g.valid.to(dev)
@@ -202,6 +316,9 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     reader_on[g.logits_reader] = True
     visible = valid.sum(0).tolist()
     trial = Trials(engine, task, plan, meter, head_subsets)
+    width = _Width(trial_batch, adapt)
+    counts = stats if stats is not None else {}
+    counts.update(passes=0, copies=0)
     # the full model's pass refreshes every batch's writer stack and gives the starting loss
     current = trial.full(mask)
     trials = 0
@@ -214,18 +331,50 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
             bar.update(visible[reader])
             continue
         reader_on[reader] = True
-        for w in reversed(range(visible[reader])):
-            mask[w, reader] = 0.0
-            loss = trial.loss(mask, reader, slot)
-            trials += 1
-            increase[w, reader] = loss - current
-            accepted = loss - current < tau
-            if accepted:
+        candidates = list(reversed(range(visible[reader])))  # latest writer first
+        i = 0
+        while i < len(candidates):
+            k = min(width.now, len(candidates) - i)
+            if k == 1:  # one trial, one pass (it rewrites the stack's rows from the slot on)
+                w = candidates[i]
+                mask[w, reader] = 0.0
+                loss = trial.loss(mask, reader, slot)
+                trials += 1
+                increase[w, reader] = loss - current
+                accepted = loss - current < tau
+                if accepted:
+                    current = loss
+                else:
+                    mask[w, reader] = 1.0
+                trial.settle(accepted)
+                width.update(1, accepted)
+                counts["passes"] += 1
+                counts["copies"] += 1
+                i += 1
+                bar.update(1)
+                continue
+            values = mask[:, reader].repeat(k, 1)
+            for j in range(k):  # copy j: candidates i..i+j removed
+                values[j:, candidates[i + j]] = 0.0
+            losses = trial.losses(mask, reader, slot, values)
+            counts["passes"] += 1
+            counts["copies"] += k
+            accepted_any = rejected = False
+            for j, loss in enumerate(losses):  # the sequential decisions, up to the first rejection
+                w = candidates[i + j]
+                trials += 1
+                increase[w, reader] = loss - current
+                if loss - current >= tau:
+                    rejected = True
+                    break
+                mask[w, reader] = 0.0
                 current = loss
-            else:
-                mask[w, reader] = 1.0
-            trial.settle(accepted)
-            bar.update(1)
+                accepted_any = True
+            decided = j + 1
+            trial.settle_copies(accepted_any)
+            width.update(decided, not rejected)
+            i += decided
+            bar.update(decided)
         bar.set_postfix(kl=f"{current:.3g}", kept=int(mask.sum()), refresh=False)
     bar.close()
     return (mask > 0) & valid, increase, current, trials

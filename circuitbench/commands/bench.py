@@ -1,7 +1,8 @@
-"""`circuitbench bench engine|methods|ep-step [--device cuda] [--json]`: speed and memory against the
-plain model (ratios and absolute times), and one Edge Pruning step of any model beside its memory
-estimate (``ep-step``, e.g. ``--model random:codellama-13b --device cuda --dtype bfloat16 --checkpoint
---batch 1 --seq 128``)."""
+"""`circuitbench bench engine|methods|ep-step|acdc-search [--device cuda] [--json]`: speed and memory
+against the plain model (ratios and absolute times), one Edge Pruning step of any model beside its
+memory estimate (``ep-step``, e.g. ``--model random:codellama-13b --device cuda --dtype bfloat16
+--checkpoint --batch 1 --seq 128``), and ACDC's trials per second one by one and batched on a real
+task (``acdc-search``: ``--model smollm2-135m --task ioi --n-train 4 --tau 0.01`` by default)."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,15 @@ from ..errors import UserError
 
 # target -> "module:function" in the circuitbench package
 TARGETS = {"engine": "bench:engine_benchmark", "methods": "bench_methods:methods_benchmark",
-           "ep-step": "bench_methods:ep_step_benchmark"}
+           "ep-step": "bench_methods:ep_step_benchmark", "acdc-search": "bench_methods:acdc_search_benchmark"}
+# targets that run a real task's search: their own model default and options
+SEARCH_DEFAULT_MODEL = "smollm2-135m"
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmarks: ratios and absolute times measured in one run")
     p.add_argument("target", choices=sorted(TARGETS), help="what to benchmark")
-    p.add_argument("--model", default="random:gpt2-small")
+    p.add_argument("--model", help="model spec (default random:gpt2-small; acdc-search: smollm2-135m)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -26,6 +29,10 @@ def add_parser(sub):
     p.add_argument("--checkpoint", action="store_true", help="gradient checkpointing of the masked pass")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--task", default="ioi", help="acdc-search: the task whose training split ACDC searches on")
+    p.add_argument("--n-train", type=int, default=4, help="acdc-search: training examples (default 4)")
+    p.add_argument("--tau", type=float, default=0.01, help="acdc-search: ACDC's threshold (default 0.01)")
+    p.add_argument("--save", help="acdc-search: a folder to write both circuits to (with their increases)")
     p.set_defaults(func=run)
 
 
@@ -39,9 +46,14 @@ def run(args) -> int:
 
     resolve_device(args.device), resolve_dtype(args.dtype)  # clean errors before anything loads
     fn = getattr(importlib.import_module(f"circuitbench.{module}"), name)
-    result = fn(args.model, args.batch, args.seq, args.threads, args.repeats,
+    search = args.target == "acdc-search"
+    extra = {"task": args.task, "n_train": args.n_train, "tau": args.tau, "save": args.save} if search else {}
+    if search and args.n_train < 1:
+        raise UserError("--n-train must be positive")
+    model = args.model or (SEARCH_DEFAULT_MODEL if search else "random:gpt2-small")
+    result = fn(model, args.batch, args.seq, args.threads, args.repeats,
                 memory=not args.no_memory, progress=not args.json, device=args.device, dtype=args.dtype,
-                checkpoint=args.checkpoint)
+                checkpoint=args.checkpoint, **extra)
     if args.json:
         print(json.dumps(result))
     else:
