@@ -233,6 +233,18 @@ def _check_steps(name, config) -> None:
 
 
 # ---- the methods ---------------------------------------------------------------------------------------
+class _Integrated(CircuitMethod):
+    """What the integrated-gradient methods share: their config, presets and check."""
+
+    Config = EAPIGConfig
+    presets = IG_PRESETS
+    produces = "scores"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        _check_steps(cls.name, config)
+
+
 @register_method
 class EAP(CircuitMethod):
     name = "eap"
@@ -250,17 +262,10 @@ class EAP(CircuitMethod):
 
 
 @register_method
-class EAPMaskIG(CircuitMethod):
+class EAPMaskIG(_Integrated):
     name = "eap-mask-ig"
     description = ("EAP with mask-space integrated gradients: edge-mask gradients averaged over every mask at "
                    "(k + 1/2) / steps (not Hanna et al.'s EAP-IG)")
-    Config = EAPIGConfig
-    presets = IG_PRESETS
-    produces = "scores"
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        _check_steps(cls.name, config)
 
     @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
@@ -278,17 +283,10 @@ class EAPMaskIG(CircuitMethod):
 
 
 @register_method
-class EAPIG(CircuitMethod):
+class EAPIG(_Integrated):
     name = "eap-ig"
     description = ("EAP-IG (Hanna et al. 2024, EAP-IG-inputs): reader-input gradients averaged over runs on "
                    "input embeddings interpolated from the corrupted to the clean prompt")
-    Config = EAPIGConfig
-    presets = IG_PRESETS
-    produces = "scores"
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        _check_steps(cls.name, config)
 
     @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
@@ -312,17 +310,10 @@ class EAPIG(CircuitMethod):
 
 
 @register_method
-class EAPIGActivations(CircuitMethod):
+class EAPIGActivations(_Integrated):
     name = "eap-ig-act"
     description = ("EAP-IG-activations (Hanna et al. 2024): reader-input gradients averaged over runs that "
                    "each interpolate one node's output (input, a layer's attention, an MLP)")
-    Config = EAPIGConfig
-    presets = IG_PRESETS
-    produces = "scores"
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        _check_steps(cls.name, config)
 
     @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
