@@ -658,3 +658,33 @@ def test_warm_start_table_counts_steps_to_the_cold_runs_kl(tmp_path):
     assert row["warm steps to that kl"] == 36 and row["warm start"] == "eap-ig"
     assert row["cold test kl"] == row["warm test kl"] == pytest.approx(0.9)
     data.store.close()
+
+
+def test_auc_bars_add_mib_cpr_and_cmd_panels_when_measured():
+    """Issue 15: the AUC figure shows MIB's CPR and CMD below the linear and log AUCs when some
+    series has them, and leaves them out when none does (sizes that do not reach 0.1%)."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from circuitbench.report import figures
+
+    def table(cpr):
+        return pd.DataFrame([
+            {"task": "ioi", "model": "m", "method": m, "preset": "paper", "n_train": 200, "series": m,
+             "sparsities": 10, "auc_linear": 0.8, "auc_log": 0.6, "cpr": c, "cmd": 1 - c if math.isfinite(c) else c}
+            for m, c in (("eap", cpr), ("random", 0.2))])
+
+    art = figures.auc_bars(table(0.79))
+    titles = [ax.get_title() for ax in art.figure.axes]
+    assert titles == ["AUC, linear axis", "AUC, log axis", "MIB's CPR (higher is better)",
+                      "MIB's CMD (lower is better)"]
+    cmd_ax = art.figure.axes[3]
+    assert sorted(round(p.get_height(), 6) for p in cmd_ax.patches) == [0.21, 0.8]
+    plt.close(art.figure)
+    none = table(float("nan"))
+    none["cpr"], none["cmd"] = float("nan"), float("nan")
+    art = figures.auc_bars(none)
+    assert [ax.get_title() for ax in art.figure.axes] == ["AUC, linear axis", "AUC, log axis"]
+    plt.close(art.figure)

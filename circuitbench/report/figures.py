@@ -332,7 +332,10 @@ def auc_bars(auc_table) -> Artifact:
     art = Artifact(name="auc", title="Area under the normalised faithfulness curve", section="auc",
                    caption="One number per method and task (higher is better; 1 = as faithful as the full "
                            "model at every size), integrated on a linear and a log axis of edges kept. Hatched "
-                           "bars: runs outside the task's main sweep (another training-set size or preset).")
+                           "bars: runs outside the task's main sweep (another training-set size or preset). Below them, "
+                           "when some series has them, MIB's CPR (higher is better) and CMD (lower is better) "
+                           "(see the AUC table for which points each integrates; 'n/a' where the sizes do not "
+                           "reach 0.1% of the edges).")
     if auc_table is None or auc_table.empty:
         art.reason = "no AUC could be computed (needs runs and full-model/empty-circuit references)"
         return art
@@ -360,8 +363,14 @@ def auc_bars(auc_table) -> Artifact:
             positions.append((start + i, r, variant))
         centres.append(start + (len(rows) - 1) / 2)
         x += width + 0.8  # gap between tasks
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.42 * x + 2.0), 6.6), squeeze=False)
-    for ax, col, label in zip(axes[:, 0], ("auc_linear", "auc_log"), ("linear axis", "log axis")):
+    panels = [("auc_linear", "AUC, linear axis", "normalised faithfulness AUC"),
+              ("auc_log", "AUC, log axis", "normalised faithfulness AUC")]
+    for col, title in (("cpr", "MIB's CPR (higher is better)"), ("cmd", "MIB's CMD (lower is better)")):
+        if col in auc_table and auc_table[col].map(lambda v: math.isfinite(_number(v))).any():
+            panels.append((col, title, col.upper()))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7.0, 0.42 * x + 2.0), 3.3 * len(panels)), squeeze=False)
+    for ax, (col, title, ylabel) in zip(axes[:, 0], panels):
+        top = 1.0
         for xpos, r, variant in positions:
             value = float(r[col])
             bar = ax.bar(xpos, value if math.isfinite(value) else 0.0, 0.85, color=colours[r["method"]],
@@ -369,12 +378,14 @@ def auc_bars(auc_table) -> Artifact:
             bar.patches[0].set_gid("series")
             ax.text(xpos, (value if math.isfinite(value) else 0.0) + 0.02, f"{value:.2f}" if math.isfinite(value)
                     else "n/a", ha="center", va="bottom", fontsize=7, rotation=90 if len(positions) > 24 else 0)
+            if math.isfinite(value):
+                top = max(top, value)
         ax.set_xticks(centres)
         ax.set_xticklabels([t if one_model else f"{t}\n{m}" for t, m in groups], fontsize=9)
-        ax.set_ylim(0, 1.18)
-        ax.set_title(f"AUC, {label}")
-        ax.set_ylabel("normalised faithfulness AUC")
-        ax.axhline(1.0, **style.FULL_STYLE)
+        ax.set_ylim(min(0.0, *(float(v) for v in auc_table[col] if math.isfinite(_number(v)))), top + 0.18)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.axhline(0.0 if col == "cmd" else 1.0, **style.FULL_STYLE)  # the full model's value
     methods = list(dict.fromkeys(auc_table["method"]))
     handles = [Patch(facecolor=colours[m]) for m in methods] + \
               [Patch(facecolor="0.75", hatch=h, edgecolor="white") for h in hatches.values()]
