@@ -6,6 +6,9 @@ Native JSON (``format: "circuitbench"``)::
      "n_edges": .., "sparsity": .., "edges": ["input->a0.h0<q>", ...],
      "scores": {"input->a0.h0<q>": 0.12, ...} (optional), "meta": {...}}
 
+(the graph also holds ``"parallel": true`` for a model with parallel blocks, `Graph.parallel`; a
+circuit loads only onto a graph of the same shape and block kind).
+
 Also read and written: the EAP-IG / MIB graph JSON (``{"cfg":.., "nodes": {name: bool}, "edges":
 {name: {"score": float, "in_graph": bool}}}``, same edge names as ours) and Edge Pruning's
 ``edges.json`` (a list of ``[writer, reader]`` pairs with readers ``a{l}.h{h}.q|k|v``, ``m{l}``,
@@ -189,8 +192,10 @@ class Circuit:
     # ---- native JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         g = self.graph
-        d = {"format": "circuitbench", "version": 1,
-             "graph": {"layers": g.n_layers, "heads": g.n_heads, "kv_heads": g.kv_heads},
+        shape = {"layers": g.n_layers, "heads": g.n_heads, "kv_heads": g.kv_heads}
+        if g.parallel:  # only then: files of sequential models keep their bytes
+            shape["parallel"] = True
+        d = {"format": "circuitbench", "version": 1, "graph": shape,
              "n_edges": self.n_edges, "n_effective": self.n_effective, "sparsity": self.sparsity,
              "edges": self.edge_names,
              "meta": self.meta}
@@ -237,8 +242,9 @@ class Circuit:
             raise ValueError("expected a JSON object or list")
         if data.get("format") == "circuitbench":
             gd = data.get("graph", {})
-            want = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads}
-            if {k: gd.get(k) for k in want} != want:
+            want = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
+                    "parallel": graph.parallel}
+            if {k: gd.get(k, False if k == "parallel" else None) for k in want} != want:
                 raise ValueError(f"circuit is for a graph {gd}, the model's graph is {want}")
             return cls.from_names(graph, data["edges"], data.get("scores"), data.get("meta"))
         if "edges" in data and isinstance(data["edges"], dict):
@@ -262,7 +268,7 @@ class Circuit:
                 if reader in nodes:
                     nodes[reader] = True
         return {"cfg": {"n_layers": g.n_layers, "n_heads": g.n_heads, "n_key_value_heads": g.kv_heads,
-                        "parallel_attn_mlp": False},
+                        "parallel_attn_mlp": g.parallel},
                 "nodes": nodes, "edges": edges}
 
     @classmethod
@@ -271,6 +277,9 @@ class Circuit:
         if cfg and (cfg.get("n_layers"), cfg.get("n_heads")) != (graph.n_layers, graph.n_heads):
             raise ValueError(f"EAP graph has {cfg.get('n_layers')} layers x {cfg.get('n_heads')} heads; "
                              f"the model has {graph.n_layers} x {graph.n_heads}")
+        if "parallel_attn_mlp" in cfg and bool(cfg["parallel_attn_mlp"]) != graph.parallel:
+            raise ValueError(f"EAP graph has parallel_attn_mlp={cfg['parallel_attn_mlp']}; the model's blocks are "
+                             f"{'parallel' if graph.parallel else 'sequential'}")
         names, scores = [], {}
         for name, e in data["edges"].items():
             if e.get("in_graph"):

@@ -26,6 +26,12 @@ that layer (``fresh_heads``) and share later reads' parts from the writers befor
 
 When every edge has the same coefficient (the full model; EAP's and eap-mask-ig's masks), a read is a
 running sum of the stack and each writer's gradient one row (`_UniformRead`).
+
+Parallel blocks (``graph.parallel``: GPT-NeoX with ``use_parallel_residual``): the attention and
+the MLP of layer l both read the writers before the layer (their read slots 2l and 2l+1 hold the
+same corrupted residual) and the layer adds the heads, the output bias and the MLP's output to the
+residual. The autograd pass reads all of a parallel layer's readers in one read point, so the
+writers of the layer before hand their gradient on once.
 """
 from __future__ import annotations
 
@@ -144,7 +150,8 @@ class CorruptedCache:
 
     ``writers``: y~ [W, B*S*d] (None for zero ablation: y~ = 0); ``resid``: the corrupted residual at
     each read point, [2L+1, B*S*d] for interchange (before attention l at 2l, before MLP l at 2l+1,
-    final at 2L) or [2L+1, d] of output-bias constants for zero ablation.
+    final at 2L) or [2L+1, d] of output-bias constants for zero ablation. In a parallel block the MLP
+    reads the residual before the layer: slot 2l+1 holds what slot 2l holds.
     """
 
     ablation: str
@@ -240,13 +247,15 @@ class MaskedModel(torch.nn.Module):
                 attn = heads.sum(0)
             else:
                 attn = a.attention(l, resid[None], ctx, per_head=False)
+            before = resid
             resid = resid + attn
             bias = self._bias_const(l)
             if bias is not None:
                 resid = resid + bias
+            mlp_in = before if g.parallel else resid  # a parallel block's MLP reads the layer's input
             if capture:
-                slots[2 * l + 1] = resid
-            m = a.mlp(l, resid)
+                slots[2 * l + 1] = mlp_in
+            m = a.mlp(l, mlp_in)
             if capture:
                 writers[g.mlp_writer(l)] = m
             resid = resid + m
@@ -273,7 +282,8 @@ class MaskedModel(torch.nn.Module):
                 b = self._bias_const(l)
                 if b is not None:
                     acc = acc + b
-                consts[2 * l + 1] = acc
+                # a parallel block's MLP reads the layer's input, without this layer's output bias
+                consts[2 * l + 1] = consts[2 * l] if self.graph.parallel else acc
             consts[2 * self._L] = acc
             return CorruptedCache("zero", tuple(shape), None, consts)
         if corrupted_ids is None:
@@ -303,7 +313,8 @@ class MaskedModel(torch.nn.Module):
         Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
         writer stack D. The pass reads the rows of the writers computed before read slot
         ``start_slot`` (the `CorruptedCache` slot numbering: 2l = layer l's attention readers, 2l+1
-        = its MLP reader, 2L = the logits) as given, and overwrites every later row in place, so
+        = its MLP reader, 2L = the logits; before slot 2l+1 the heads of layer l are computed, also
+        in a parallel block) as given, and overwrites every later row in place, so
         after the call ``stack`` holds this pass's writer stack; a later pass whose masks differ
         only in readers at or after some slot can restart there with the same ``stack``. Passing
         ``stack`` with ``start_slot=0`` computes everything and fills it.
@@ -409,6 +420,16 @@ class MaskedModel(torch.nn.Module):
         # `latest`: the writer output just before each read point (None: a given, constant prefix)
         latest = push(0, a.embed(ids).to(self.dtype)[None]) if start_slot == 0 else None
         def layer(l, latest, mask):
+            if g.parallel and start_slot <= 2 * l:
+                # attention and MLP read the same writers: one read point for all the layer's readers
+                # (its MLP reader comes right after its attention readers), so the writers before it
+                # get their finished gradient once
+                ar, mr = g.attn_readers(l), g.mlp_reader(l)
+                x = read(g.writers_before_attn(l), slice(ar.start, mr + 1), 2 * l, latest)
+                xa, xm = x.split([mr - ar.start, 1])
+                heads = push(g.head_writers(l).start, a.attention(l, xa.view(-1, B, S, d), ctx, per_head=True))
+                m = push(g.mlp_writer(l), a.mlp(l, xm.view(B, S, d))[None])
+                return torch.cat([heads, m])  # this layer's writers, the last rows the next read covers
             if start_slot <= 2 * l:
                 x = read(g.writers_before_attn(l), g.attn_readers(l), 2 * l, latest).view(-1, B, S, d)
                 latest = push(g.head_writers(l).start, a.attention(l, x, ctx, per_head=True))
@@ -507,11 +528,13 @@ class MaskedModel(torch.nn.Module):
         return reader, values
 
     def _writers_before(self, slot: int) -> int:
-        """How many writers are computed before read slot ``slot``."""
+        """How many writers are computed before read slot ``slot`` in the pass's order (a prefix): a
+        restart there takes their rows as given. Before an MLP slot the layer's heads are computed,
+        also in a parallel block, where the MLP does not read them (its reader reads fewer rows)."""
         g = self.graph
         if slot == 2 * self._L:
             return g.n_writers
-        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.writers_before_mlp(slot // 2)
+        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.head_writers(slot // 2).stop
 
     def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None, prefix=None,
                      column=None):

@@ -3,9 +3,15 @@
 Writers (in forward order): ``input``, then per layer ``a{l}.h{h}`` for every head and ``m{l}``.
 Readers (in forward order): per layer ``a{l}.h{h}<q>`` for every head, ``<k>`` and ``<v>`` per head
 (or ``a{l}.g{g}<k>``/``<v>`` per key/value group under grouped-query attention), ``m{l}``; last
-``logits``. Writer ``w`` feeds reader ``r`` when ``w`` is computed before ``r`` is read, so the MLP of
-layer ``l`` reads the heads of layer ``l``. This is the EAP/ACDC/MIB convention: GPT-2 small has
-32,491 edges.
+``logits``. Writer ``w`` feeds reader ``r`` when ``w`` is computed before ``r`` is read, so in a
+sequential block (GPT-2, Llama) the MLP of layer ``l`` reads the heads of layer ``l``. This is the
+EAP/ACDC/MIB convention: GPT-2 small has 32,491 edges.
+
+Parallel blocks (``parallel=True``: GPT-NeoX/Pythia with ``use_parallel_residual``) compute
+attention and MLP of layer ``l`` from the same residual, the stream before the layer, and add both
+to it: the MLP of layer ``l`` reads exactly the writers its layer's attention reads, not the layer's
+heads. Such a graph has ``layers x heads`` edges fewer than the sequential one of its shape (EAP-IG's
+``parallel_attn_mlp``). The writer and reader orders and names are the same in both.
 
 Everything is index arithmetic over contiguous blocks, so the engine reads slices, not dicts.
 """
@@ -23,6 +29,7 @@ class Graph:
     n_heads: int
     n_kv_heads: int | None = None  # None or == n_heads: no grouped-query attention
     has_mlp: bool = True
+    parallel: bool = False  # attention and MLP of a layer read the same residual (GPT-NeoX)
 
     def __post_init__(self):
         # normalise "no grouped-query attention" to kv == heads so equal shapes compare equal
@@ -76,7 +83,9 @@ class Graph:
         return 1 + layer * self.writers_per_layer
 
     def writers_before_mlp(self, layer: int) -> int:
-        return self.writers_before_attn(layer) + self.n_heads
+        """Number of writers the MLP reader of ``layer`` reads (a prefix): those before the layer
+        and the layer's heads in a sequential block; in a parallel block the attention's prefix."""
+        return self.writers_before_attn(layer) + (0 if self.parallel else self.n_heads)
 
     def attn_readers(self, layer: int) -> slice:
         start = layer * self.readers_per_layer
@@ -164,6 +173,11 @@ class Graph:
         except (ValueError, KeyError):
             raise ValueError(f"unknown edge {name!r} for this graph") from None
         if not self.valid[i, j]:
+            layer = j // self.readers_per_layer  # (the logits reader is no layer's MLP reader)
+            heads = self.head_writers(layer)
+            if self.parallel and self.has_mlp and j == self.mlp_reader(layer) and heads.start <= i < heads.stop:
+                raise ValueError(f"edge {name!r} does not exist: in a parallel block the MLP does not read "
+                                 f"its own layer's heads")
             raise ValueError(f"edge {name!r} goes backwards in the forward pass")
         return i, j
 
@@ -215,4 +229,5 @@ class Graph:
             "writers": self.n_writers,
             "readers": self.n_readers,
             "edges": self.n_edges,
+            "parallel": self.parallel,
         }

@@ -137,8 +137,11 @@ def device_name(device: str) -> str:
 
 
 def _graph_dict(graph) -> dict:
-    return {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
-            "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
+    shape = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
+             "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
+    if graph.parallel:  # only then, so records of sequential models stay as they were
+        shape["parallel"] = True
+    return shape
 
 
 def _test_split(model, task, item):
@@ -484,6 +487,7 @@ ASSUMED_LAYER_OVERHEAD_S = {"cpu": 2e-3, "cuda": 2e-4}  # per layer and pass: ke
 ASSUMED_TOKENS = 20  # tokens per example (the paper's tasks are 15-25 tokens; Tracr inputs ~5)
 # name -> (layers, heads, kv heads, d_model, non-embedding parameters) for models known offline
 KNOWN_SHAPES = {"gpt2": (12, 12, 12, 768, 85_000_000), "smollm2-135m": (30, 9, 3, 576, 106_000_000),
+                "gemma3-270m": (18, 4, 1, 640, 100_000_000),
                 "tracr:xproportion": (2, 1, 1, 16, 2_000), "tracr:reverse": (4, 1, 1, 32, 10_000)}
 
 
@@ -537,7 +541,7 @@ def _loads_without_download(model: str) -> bool:
         return name in models.RANDOM_SHAPES and name not in models.RANDOM_ON_DEVICE and (
             models.random_tokenizer(name) == "synthetic" or smollm2.is_converted())
     if model in models.EMBEDDED:
-        return smollm2.is_converted()
+        return models.embedded_module(model).is_converted()
     return False
 
 

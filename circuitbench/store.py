@@ -27,6 +27,7 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
       device TEXT ('cpu', 'cuda:0'), device_name TEXT (CPU model / GPU name), threads INTEGER
       host TEXT; versions TEXT (JSON: python, circuitbench, torch, transformers, ...)
       graph TEXT               JSON {"layers", "heads", "kv_heads", "n_kv_heads", "has_mlp", "edges"}
+                               and "parallel": true for a model with parallel blocks
       scores_file TEXT         relative path of the scores file, or NULL
       log TEXT, info TEXT      JSON: the method's log (training curve ...) and facts (MethodResult)
       started_at, finished_at TEXT (ISO 8601, UTC)
@@ -607,7 +608,8 @@ class ResultsStore:
                                 f"({', '.join(f'{r[2]:g}' for r in rows)})")
             row = rows[0]
         g = json.loads(row[1])
-        graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True))
+        graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True),
+                      g.get("parallel", False))
         return Circuit.load(self.root / row[0], graph)
 
     def counts(self) -> dict[str, int]:

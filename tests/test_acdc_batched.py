@@ -15,7 +15,7 @@ from methods_support import SyntheticTask, make_examples
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["random:gpt2-tiny", "random:llama-tiny"])
+@pytest.fixture(scope="module", params=["random:gpt2-tiny", "random:llama-tiny", "random:neox-tiny"])
 def tiny(request):
     model = load_model(request.param)
     return model, MaskedModel(model)

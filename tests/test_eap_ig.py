@@ -33,7 +33,7 @@ def _float64_norms(model):
             mod.forward = forward
 
 
-@pytest.fixture(scope="module", params=["random:gpt2-tiny", "random:llama-tiny"])
+@pytest.fixture(scope="module", params=["random:gpt2-tiny", "random:llama-tiny", "random:neox-tiny"])
 def tiny64(request):
     model = load_model(request.param, dtype=torch.float64)
     _float64_norms(model)
@@ -47,16 +47,21 @@ class Reference:
 
     def __init__(self, model):
         self.model, self.hf, self.g = model, model.hf_model, model.graph
-        self.gpt2 = model.family == "gpt2"
+        self.gpt2, self.neox = model.family == "gpt2", model.family == "neox"
         self.dh = model.adapter.head_dim
 
     def blocks(self):
+        if self.neox:
+            return self.hf.gpt_neox.layers
         return self.hf.transformer.h if self.gpt2 else self.hf.model.layers
 
     def parts(self, blk):
         """(attention norm, [projections], output projection, MLP norm, MLP) of one block."""
         if self.gpt2:
             return blk.ln_1, [blk.attn.c_attn], blk.attn.c_proj, blk.ln_2, blk.mlp
+        if self.neox:  # one fused query_key_value; attention and MLP read the same residual (parallel)
+            at = blk.attention
+            return blk.input_layernorm, [at.query_key_value], at.dense, blk.post_attention_layernorm, blk.mlp
         at = blk.self_attn
         return blk.input_layernorm, [at.q_proj, at.k_proj, at.v_proj], at.o_proj, blk.post_attention_layernorm, blk.mlp
 
@@ -77,6 +82,9 @@ class Reference:
         if self.gpt2:  # one c_attn: q, k, v blocks of d columns
             return ([(0, cols(h)) for h in range(H)] + [(0, cols(h, d)) for h in range(H)]
                     + [(0, cols(h, 2 * d)) for h in range(H)])
+        if self.neox:  # one query_key_value viewed [..., heads, 3 * dh]: each head's q, k, v in turn
+            return ([(0, cols(3 * h)) for h in range(H)] + [(0, cols(3 * h + 1)) for h in range(H)]
+                    + [(0, cols(3 * h + 2)) for h in range(H)])
         return [(0, cols(h)) for h in range(H)] + [(1, cols(q)) for q in range(G)] + [(2, cols(q)) for q in range(G)]
 
     def run(self, task, batch, ids, replace=None, grads=False):
@@ -120,7 +128,8 @@ class Reference:
                     return (args[0] + leaves[("m", l)],) + args[1:]
                 hooks.append(norm2.register_forward_pre_hook(mlp_leaf))
         if grads:
-            final = self.hf.transformer.ln_f if self.gpt2 else self.hf.model.norm
+            final = (self.hf.gpt_neox.final_layer_norm if self.neox
+                     else self.hf.transformer.ln_f if self.gpt2 else self.hf.model.norm)
 
             def logits_leaf(mod, args):
                 leaves["logits"] = torch.zeros_like(args[0], requires_grad=True)
@@ -229,8 +238,10 @@ def test_eap_ig_act_equals_node_interpolation_on_the_hf_model(tiny64, ablation):
     _close(res.scores, want)
     assert res.info["alphas"] == [0.5, 1.0]
     n_nodes = 1 + 2 * model.graph.n_layers
-    # per batch and node: one gradient pass per point, a no-grad pass for a < 1 except after the last MLP
-    fwd = 1 + (ablation == "interchange") + n_nodes * 2 + (n_nodes - 1)
+    # per batch and node: one gradient pass per point, a no-grad pass for a < 1 except for the nodes only
+    # the logits read (the last MLP; in a parallel block also the last attention, which its MLP does not read)
+    last = 2 if model.graph.parallel else 1
+    fwd = 1 + (ablation == "interchange") + n_nodes * 2 + (n_nodes - last)
     assert res.cost.forward_passes == 2 * fwd and res.cost.backward_passes == 2 * 2 * n_nodes
 
 

@@ -43,7 +43,7 @@ def test_full_and_empty():
     assert _circuit(g, ["input->logits"]).n_effective == 1
 
 
-@pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny"])
+@pytest.mark.parametrize("spec", ["random:gpt2-tiny", "random:llama-tiny", "random:neox-tiny"])
 def test_dangling_edges_change_nothing_in_the_engine(spec):
     model = load_model(spec)
     g = model.graph

@@ -2,7 +2,9 @@
 
 - all masks 1 = the Hugging Face model's logits; all masks 0 = the corrupted run's logits;
 - removing one edge = a hand-written activation patch of that one edge, done here with plain
-  forward hooks on the Hugging Face modules, for q, k, v, MLP and logits readers, both ablations;
+  forward hooks on the Hugging Face modules, for q, k, v, MLP and logits readers, both ablations
+  (the hooks patch a reader's own input: under GPT-NeoX's parallel residual the MLP's input is the
+  layer's input, so the patch is the parallel block's without the engine's rule being assumed);
 - gradients with respect to both masks match finite differences.
 """
 import pytest
@@ -10,7 +12,8 @@ import torch
 
 from circuitbench import MaskedModel, load_model
 
-SPECS = ["random:gpt2-tiny", "random:llama-tiny", "random:qwen2-tiny"]
+SPECS = ["random:gpt2-tiny", "random:llama-tiny", "random:qwen2-tiny", "random:neox-tiny",
+         "random:gemma2-tiny", "random:gemma3-tiny"]
 
 
 @pytest.fixture(scope="module", params=SPECS)
@@ -82,6 +85,8 @@ class _Patcher:
         self.family = model.family
 
     def _blocks(self):
+        if self.family == "neox":
+            return self.hf.gpt_neox.layers
         return self.hf.transformer.h if self.family == "gpt2" else self.hf.model.layers
 
     def writer_outputs(self, ids):
@@ -96,7 +101,8 @@ class _Patcher:
                     dh = z.shape[-1] // H
                     return [z[..., h * dh:(h + 1) * dh] @ W[h * dh:(h + 1) * dh] for h in range(H)]
             else:
-                o_proj, mlp = blk.self_attn.o_proj, blk.mlp
+                o_proj = blk.attention.dense if self.family == "neox" else blk.self_attn.o_proj
+                mlp = blk.mlp
 
                 def per_head(z, W=o_proj.weight):  # Linear: z @ W.T, W [out, in]
                     dh = z.shape[-1] // H
@@ -107,11 +113,15 @@ class _Patcher:
                     outs[f"a{l}.h{h}"] = y.detach()
             hooks.append(o_proj.register_forward_pre_hook(pre))
             hooks.append(mlp.register_forward_hook(lambda mod, a, out, l=l: outs.__setitem__(f"m{l}", out.detach())))
+            if self.family.startswith("gemma"):
+                hooks += _gemma_post_norms(blk, l, H, outs)
         try:
             with torch.no_grad():
                 if self.family == "gpt2":
                     tr = self.hf.transformer
                     outs["input"] = (tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1], device=ids.device))[None]).detach()
+                elif self.family == "neox":
+                    outs["input"] = self.hf.gpt_neox.embed_in(ids).detach()
                 else:
                     outs["input"] = self.hf.model.embed_tokens(ids).detach()
                 self.hf(ids)
@@ -126,12 +136,17 @@ class _Patcher:
         kind = reader[reader.index("<") + 1:-1] if "<" in reader else None
         try:
             if reader == "logits":
-                norm = self.hf.transformer.ln_f if self.family == "gpt2" else self.hf.model.norm
+                if self.family == "neox":
+                    norm = self.hf.gpt_neox.final_layer_norm
+                else:
+                    norm = self.hf.transformer.ln_f if self.family == "gpt2" else self.hf.model.norm
                 hooks.append(norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,) + a[1:]))
             elif kind is None:  # MLP reader m{l}
                 l = int(reader[1:])
                 blk = self._blocks()[l]
                 norm = blk.ln_2 if self.family == "gpt2" else blk.post_attention_layernorm
+                if self.family.startswith("gemma"):  # Gemma's MLP reads through its pre-feedforward norm
+                    norm = blk.pre_feedforward_layernorm
                 hooks.append(norm.register_forward_pre_hook(lambda m, a: (a[0] - delta,) + a[1:]))
             else:
                 layer, unit = reader.split("<")[0].split(".")
@@ -144,6 +159,10 @@ class _Patcher:
                     blk_norm, proj = blk.ln_1, blk.attn.c_attn
                     offset = {"q": 0, "k": 1, "v": 2}[kind] * g.n_heads * dh
                     project = lambda x: x @ proj.weight + proj.bias  # Conv1D
+                elif self.family == "neox":  # query_key_value viewed [..., heads, 3 * dh]: q, k, v per head
+                    blk_norm, proj = blk.input_layernorm, blk.attention.query_key_value
+                    offset = (2 * idx + {"q": 0, "k": 1, "v": 2}[kind]) * dh  # columns from (3 * idx + kind) * dh
+                    project = lambda x: torch.nn.functional.linear(x, proj.weight, proj.bias)
                 else:
                     blk_norm = blk.input_layernorm
                     proj = {"q": blk.self_attn.q_proj, "k": blk.self_attn.k_proj, "v": blk.self_attn.v_proj}[kind]
@@ -162,6 +181,33 @@ class _Patcher:
         finally:
             for h in hooks:
                 h.remove()
+
+
+def _gemma_post_norms(blk, l, H, outs):
+    """Hooks that turn the patcher's Gemma writer outputs into the adapter's decomposition.
+
+    Gemma's ``post_attention_layernorm`` acts on the sum of a layer's heads, so a head's output
+    alone is not a term of the residual. The adapter (circuitbench/adapters/gemma.py) defines head
+    h's writer output as its o_proj term times ``(1 + w) / rms(sum)``, the scale of that run's own
+    sum, so that the heads add up to the norm's output. The reference takes both parts from the
+    Hugging Face run: the o_proj terms from o_proj's input (the pre-hook above) and the scale from
+    the norm's own input (the model's attention output); removing edge ``a0.h2 -> r`` then
+    subtracts (clean share - corrupted share) from r's input. A patched q/k/v reader needs no such
+    rule: the hooks change that head's projection, and the model's own norm renormalises the new
+    sum, so the other heads' shares move through the scale as they do in the engine. The MLP's
+    output is taken after ``post_feedforward_layernorm``.
+    """
+    def rescale(mod, args):
+        x = args[0].float()
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps) * (1.0 + mod.weight.float())
+        for h in range(H):
+            y = outs[f"a{l}.h{h}"]
+            outs[f"a{l}.h{h}"] = (y.float() * scale).to(y.dtype)
+
+    def mlp_out(mod, args, out):
+        outs[f"m{l}"] = out.detach()
+    return [blk.post_attention_layernorm.register_forward_pre_hook(rescale),
+            blk.post_feedforward_layernorm.register_forward_hook(mlp_out)]
 
 
 def _readers_to_test(g):
@@ -200,8 +246,14 @@ def test_zero_ablation_all_masks_zero_is_bias_only(model):
     if model.family == "gpt2":
         bias = sum(blk.attn.c_proj.bias for blk in hf.transformer.h)
         want = hf.lm_head(hf.transformer.ln_f(bias))
+    elif model.family == "neox":
+        bias = sum(lay.attention.dense.bias for lay in hf.gpt_neox.layers)
+        want = hf.lm_head(hf.gpt_neox.final_layer_norm(bias))
     else:  # no output biases: the final norm sees zeros
         want = hf.lm_head(hf.model.norm(torch.zeros(hf.config.hidden_size)))
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 soft-caps its logits
+        want = torch.tanh(want / cap) * cap
     assert (got - want).abs().max().item() <= 1e-4
 
 
@@ -213,6 +265,8 @@ def _norms_in_input_dtype(model, monkeypatch):
     for mod in model.hf_model.modules():
         if type(mod).__name__.endswith("RMSNorm"):
             def forward(x, mod=mod):
+                if type(mod).__name__.startswith("Gemma"):  # Gemma scales by 1 + w
+                    return (1 + mod.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps))
                 return mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
             monkeypatch.setattr(mod, "forward", forward)
 
@@ -381,7 +435,11 @@ def test_pruned_pass_skips_dead_nodes(model, monkeypatch):
     mask[g.head_writers(0).start, g.mlp_reader(g.n_layers - 1)] = 1
     with torch.no_grad():
         got = mm(clean, corrupted=cache, edge_mask=mask)
-    assert calls == {"attention": [], "mlp": [0]}
+    if model.adapter.head_subsets:
+        assert calls == {"attention": [], "mlp": [0]}
+    else:  # heads coupled within a layer (Gemma's post-attention norm): every node runs, no pruning
+        every = list(range(g.n_layers))
+        assert calls == {"attention": every, "mlp": every}
     live = mm.live_writers(mask)
     assert live.nonzero().flatten().tolist() == [0, g.mlp_writer(0)]
     with torch.enable_grad():

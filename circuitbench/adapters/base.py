@@ -18,7 +18,9 @@ functions over tensors, so the engine can feed every reader its own input:
   skip heads whose output no kept edge reads (``head_subsets = True`` declares support).
 * ``attn_out_bias(layer)`` -> ``[d]`` or None: the output bias, a constant that rides along in the
   residual stream (never ablated).
-* ``mlp(layer, x)``: ``[B, S, d]`` -> ``[B, S, d]``, norm included.
+* ``mlp(layer, x)``: ``[B, S, d]`` -> ``[B, S, d]``, norm included. An adapter with ``parallel = True``
+  (GPT-NeoX's parallel residual) declares that the MLP of a layer reads the residual before the
+  layer, as its attention does; the engine then feeds it that (`Graph.parallel`).
 * ``unembed(x)``: ``[..., d]`` -> ``[..., vocab]``, final norm included.
 
 Models without an MLP in some layer still have the writer/reader (its output is zero); the graph
@@ -44,10 +46,11 @@ class Adapter(ABC):
     n_kv_heads: int
     d_model: int
     has_mlp: bool = True
+    parallel: bool = False  # attention and MLP of a layer read the same residual (`Graph.parallel`)
 
     @property
     def graph(self) -> Graph:
-        return Graph(self.n_layers, self.n_heads, self.n_kv_heads, self.has_mlp)
+        return Graph(self.n_layers, self.n_heads, self.n_kv_heads, self.has_mlp, self.parallel)
 
     # ---- the computation, per family ---------------------------------------------------------
     @abstractmethod

@@ -34,7 +34,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"model    {args.model} ({family}, {g.n_layers} layers, {g.n_heads} heads, {g.kv_heads} kv heads)")
+    blocks = ", parallel blocks" if g.parallel else ""
+    print(f"model    {args.model} ({family}, {g.n_layers} layers, {g.n_heads} heads, {g.kv_heads} kv heads{blocks})")
     print(f"writers  {g.n_writers}")
     print(f"readers  {g.n_readers}")
     print(f"edges    {g.n_edges}")

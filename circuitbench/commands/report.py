@@ -101,7 +101,7 @@ def edge_faithfulness(args) -> str:
         finally:
             store.close()
         g, m = circuit.graph, model.graph
-        if (g.n_layers, g.n_heads, g.kv_heads, g.has_mlp) != (m.n_layers, m.n_heads, m.kv_heads, m.has_mlp):
+        if g != m:  # shape and block kind (a frozen dataclass compares every field)
             raise UserError(f"run {run_id}'s circuit is over another graph than {model_spec}'s")
         circuit = Circuit(m, circuit.edges, meta=circuit.meta)  # the same shape: on the model's own graph
     else:

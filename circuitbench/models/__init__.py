@@ -3,17 +3,25 @@
 Specs:
 - ``random:gpt2-small`` / ``random:gpt2-tiny`` / ``random:llama-tiny`` / ``random:qwen2-tiny``:
   seeded random weights of a named shape (qwen2-tiny's q/k/v biases are drawn too, not left at
-  transformers' zero init), for tests and speed benchmarks. They use the SmolLM2 tokenizer when one is needed,
-  or with ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic`` a tokenizer built offline from the task
-  source files (`synthetic_tokenizer`), so they need no download;
+  transformers' zero init), for tests and speed benchmarks;
+  ``random:neox-tiny`` / ``random:neox-seq-tiny``: GPT-NeoX (Pythia) shapes with partial rotary
+  embeddings and a parallel / sequential residual, every bias drawn. They use the SmolLM2
+  tokenizer when one is needed, or with ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic`` a tokenizer
+  built offline from the task source files (`synthetic_tokenizer`), so they need no download;
 - ``random:codellama-13b``: CodeLlama-13B's shape (40 layers, 40 heads, d_model 5120), built
   directly on the target device in the target dtype (about 26 GB in bfloat16; never on the CPU
   first, never downloaded), always with the synthetic tokenizer (its vocabulary has 32,016
   tokens); for measuring a real-sized step on one GPU (``scripts/gpu-check``);
+- ``random:gemma2-tiny`` / ``random:gemma3-tiny``: Gemma 2 (attention and final logit soft-capping)
+  and Gemma 3 (q/k norms, per-layer-type rotary) shapes with grouped-query attention and a
+  sliding window of 3 tokens on one of their two layers; every RMSNorm weight is drawn (Gemma's
+  norms scale by 1 + w, and transformers initialises w = 0);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct, embedded offline (see `smollm2`);
+- ``gemma3-270m``: the real Gemma 3 270M, embedded offline (see `gemma3_270m`; the Gemma Terms of
+  Use apply to its weights);
 - ``tracr:xproportion`` / ``tracr:reverse``: compiled Tracr programs (see `circuitbench.tracr`);
-- a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2, Llama (Mistral) or Qwen2
-  (Qwen2.5) families.
+- a Hugging Face id or a local ``save_pretrained`` folder of the GPT-2, Llama (Mistral), Qwen2
+  (Qwen2.5) or GPT-NeoX (Pythia) families.
 """
 from __future__ import annotations
 
@@ -43,6 +51,28 @@ RANDOM_SHAPES = {
                                  hidden_size=64, intermediate_size=128, vocab_size=49152,
                                  max_position_embeddings=256, tie_word_embeddings=False,
                                  initializer_range=0.1)),
+    # Pythia's layout: parallel residual, rotary on a quarter of each head's dimensions
+    "neox-tiny": ("neox", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                               intermediate_size=128, vocab_size=49152, max_position_embeddings=256,
+                               rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+                               initializer_range=0.1)),
+    "neox-seq-tiny": ("neox", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                                   intermediate_size=128, vocab_size=49152, max_position_embeddings=256,
+                                   rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=False,
+                                   initializer_range=0.1)),
+    # Gemma: head_dim * heads != d_model, query_pre_attn_scalar != head_dim, tied embeddings; soft caps
+    # low enough to bite at these weights' scale; a window of 3 tokens on one layer of two
+    "gemma2-tiny": ("gemma2", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   hidden_size=64, head_dim=24, intermediate_size=128, vocab_size=49152,
+                                   max_position_embeddings=256, query_pre_attn_scalar=32,
+                                   attn_logit_softcapping=1.0, final_logit_softcapping=2.0, sliding_window=3,
+                                   layer_types=["full_attention", "sliding_attention"],
+                                   initializer_range=0.1)),
+    "gemma3-tiny": ("gemma3", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   hidden_size=64, head_dim=24, intermediate_size=128, vocab_size=49152,
+                                   max_position_embeddings=256, query_pre_attn_scalar=32, sliding_window=3,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   initializer_range=0.1)),
     # CodeLlama-13B(-Instruct)'s published shape (no grouped-query attention)
     "codellama-13b": ("llama", dict(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                                     hidden_size=5120, intermediate_size=13824, vocab_size=32016,
@@ -56,9 +86,15 @@ RANDOM_ON_DEVICE = ("codellama-13b",)
 # below) or "synthetic" (`synthetic_tokenizer`: offline, built from the task source files).
 RANDOM_TOKENIZERS = {"codellama-13b": "synthetic"}
 RANDOM_TOKENIZER_ENV = "CIRCUITBENCH_RANDOM_TOKENIZER"
-EMBEDDED = ("smollm2-135m",)
+# The parameters of a random shape drawn instead of transformers' zero init, by name ending: the
+# q/k/v biases (qwen2), every bias of GPT-NeoX (its output and MLP biases, its norms' shifts), every
+# RMSNorm weight of Gemma (its norms scale by 1 + w).
+QKV_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+RANDOM_BIASES = {"neox": (".bias",), "gemma2": ("norm.weight",), "gemma3": ("norm.weight",)}
+EMBEDDED = ("smollm2-135m", "gemma3-270m")
 TRACR_PROGRAMS = ("xproportion", "reverse")
-SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt_neox": "neox",
+                   "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
 
 
 @dataclass
@@ -127,6 +163,12 @@ def _adapter_for(hf_model):
     if family == "qwen2":
         from ..adapters.qwen2 import Qwen2Adapter
         return Qwen2Adapter(hf_model)
+    if family == "neox":
+        from ..adapters.neox import NeoXAdapter
+        return NeoXAdapter(hf_model)
+    if family == "gemma":
+        from ..adapters.gemma import GemmaAdapter
+        return GemmaAdapter(hf_model)
     raise UserError(f"unsupported architecture {mt!r}: circuitbench supports "
                     f"{', '.join(sorted(SUPPORTED_TYPES))} models")
 
@@ -136,6 +178,18 @@ def _freeze(hf_model, device, dtype):
     hf_model.eval()
     hf_model.requires_grad_(False)
     return hf_model
+
+
+def embedded_module(spec: str):
+    """The loader module of embedded model ``spec`` (`smollm2`, `gemma3_270m`): each has
+    ``is_converted()``, ``ensure_converted()`` and ``load(device, dtype) -> (model, tokenizer)``."""
+    if spec == "gemma3-270m":
+        from . import gemma3_270m as module
+    elif spec == "smollm2-135m":
+        from . import smollm2 as module
+    else:
+        raise UserError(f"{spec!r} is not an embedded model ({', '.join(EMBEDDED)})")
+    return module
 
 
 def _smollm2_tokenizer():
@@ -176,7 +230,8 @@ def random_config(name):
                         f"{', '.join('random:' + n for n in RANDOM_SHAPES)}")
     family, kwargs = RANDOM_SHAPES[name]
     import transformers
-    config = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config"}[family]
+    config = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
+              "neox": "GPTNeoXConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
     return getattr(transformers, config)(**kwargs)
 
 
@@ -185,7 +240,8 @@ def _random_class(name):
     import transformers
     family = RANDOM_SHAPES[name][0]
     return getattr(transformers, {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                  "qwen2": "Qwen2ForCausalLM"}[family])
+                                  "qwen2": "Qwen2ForCausalLM", "neox": "GPTNeoXForCausalLM",
+                                  "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[family])
 
 
 def random_graph(name) -> Graph:
@@ -193,6 +249,8 @@ def random_graph(name) -> Graph:
     cfg = random_config(name)
     if RANDOM_SHAPES[name][0] == "gpt2":
         return Graph(cfg.n_layer, cfg.n_head, None, True)
+    if RANDOM_SHAPES[name][0] == "neox":
+        return Graph(cfg.num_hidden_layers, cfg.num_attention_heads, None, True, bool(cfg.use_parallel_residual))
     return Graph(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, True)
 
 
@@ -241,7 +299,7 @@ def _random_model(name, seed, device, dtype):
         hf = _random_class(name)(cfg)
         with torch.no_grad():  # transformers zero-inits biases; draw them so they are exercised
             for pname, p in hf.named_parameters():
-                if pname.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                if pname.endswith(RANDOM_BIASES.get(RANDOM_SHAPES[name][0], QKV_BIASES)):
                     p.normal_(0.0, cfg.initializer_range)
     finally:
         torch.random.set_rng_state(gen_state)
@@ -310,8 +368,7 @@ def load_model(spec: str, device=None, dtype=None, seed: int = 0) -> LoadedModel
         adapter, tokenizer = load_tracr(name, device=device, dtype=dtype)
         return LoadedModel(spec, adapter, None, device, dtype, _tokenizer=tokenizer)
     if spec in EMBEDDED:
-        from .smollm2 import load_smollm2
-        hf, tok = load_smollm2(device=device, dtype=dtype)
+        hf, tok = embedded_module(spec).load(device=device, dtype=dtype)
         return LoadedModel(spec, _adapter_for(_freeze(hf, device, dtype)), hf, device, dtype, _tokenizer=tok)
     hf, tok_loader = _hub_model(spec, device, dtype)
     return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=tok_loader)
