@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, UnsupportedModel
 from .store import ResultsStore, check_writable, now_iso, run_id_for
 from .sweep import Job, Reference, Sweep
 
@@ -314,16 +314,25 @@ def check_model_spec(spec: str) -> None:
         return
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
+        config_file = os.path.join(path, "config.json")
+        if not os.path.exists(config_file):
             raise UserError(f"model folder {spec!r} has no config.json")
+        try:
+            with open(config_file) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError) as err:
+            raise UserError(f"model folder {spec!r}: config.json cannot be read ({err})") from None
+        models.check_family(model_type, spec)
         return
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(spec, local_files_only=True)
-        return
+        config = AutoConfig.from_pretrained(spec, local_files_only=True)
     except Exception:
-        pass
+        config = None
+    if config is not None:
+        models.check_family(config.model_type, spec)
+        return
     if spec.startswith((".", "/", "~")):
         raise UserError(f"unknown model {spec!r}: no such folder")
     if not models._hub_reachable():
@@ -333,10 +342,11 @@ def check_model_spec(spec: str) -> None:
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"unknown model {spec!r}: {first}") from None
+    models.check_family(config.model_type, spec)
 
 
 @contextmanager
@@ -404,7 +414,7 @@ def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
         try:
             check_model_spec(model)
         except UserError as err:
-            if strict:
+            if strict or isinstance(err, UnsupportedModel):
                 raise
             warnings.append(f"warning: {err}")
     return jobs, refs, warnings

@@ -164,8 +164,17 @@ def test_bad_input_is_one_line_exit_2(args, msg):
 def test_unsupported_architecture_folder(tmp_path):
     from transformers import BertConfig
     BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="unsupported architecture"):
+    with pytest.raises(UserError, match="unsupported architecture") as err:
         load_model(str(tmp_path))
+    # issue 17: the message names the folder's family and every supported one
+    for name in ("'bert'", "gpt2", "llama", "qwen2", "gpt_neox", "gemma2", "gemma3_text"):
+        assert name in str(err.value), name
+    for cmd in (["graph", "--model", str(tmp_path)],
+                ["run", "--model", str(tmp_path), "--methods", "eap", "--task", "ioi", "--dry-run"]):
+        out = _cli(*cmd)
+        assert out.returncode == 2, cmd
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "unsupported architecture 'bert'" in lines[0] and "Traceback" not in out.stderr
 
 
 def test_local_folder_loads(tmp_path):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, UnsupportedModel
 from ..graph import Graph
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64, "float16": torch.float16,
@@ -171,6 +171,14 @@ def _adapter_for(hf_model):
         return GemmaAdapter(hf_model)
     raise UserError(f"unsupported architecture {mt!r}: circuitbench supports "
                     f"{', '.join(sorted(SUPPORTED_TYPES))} models")
+
+
+def check_family(model_type, spec: str) -> None:
+    """Raise `UserError` naming the family and the supported ones when ``model_type`` (a Hugging
+    Face config's) has no adapter."""
+    if SUPPORTED_TYPES.get(model_type) is None:
+        raise UnsupportedModel(f"unsupported architecture {model_type!r} for {spec!r}: circuitbench "
+                        f"supports {', '.join(sorted(SUPPORTED_TYPES))} models")
 
 
 def _freeze(hf_model, device, dtype):
@@ -326,9 +334,7 @@ def _hub_model(spec, device, dtype):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
                         f"({', '.join(EMBEDDED)}), and transformers could not load it ({first})") from None
-    if SUPPORTED_TYPES.get(config.model_type) is None:
-        raise UserError(f"unsupported architecture {config.model_type!r} for {spec!r}: circuitbench "
-                        f"supports {', '.join(sorted(SUPPORTED_TYPES))} models")
+    check_family(config.model_type, spec)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return _freeze(hf, device, dtype), (lambda: AutoTokenizer.from_pretrained(path))
 
