@@ -50,6 +50,7 @@ import torch
 
 from . import metrics
 from .bench import _setup, _step_fn, hardware, measure_peak_mib, setup_source, timed
+from .precision import MixedPrecisionAdapter
 from .tasks.base import Examples, Task
 
 
@@ -138,7 +139,7 @@ def _eap_fn(mm, task, examples):
     return run
 
 
-def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, device=None, copies=1):
+def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, device=None, copies=1, slots=None):
     """Per read slot: the ratio of one ACDC trial restarting there to a plain forward timed right
     before it, and the number of edges entering the readers of each slot. The first trial at a
     slot also computes what the slot's trials share (`methods.acdc.Trials`): its extra time is
@@ -147,7 +148,9 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
 
     ``copies`` > 1: batched trials (`Trials.losses`): one pass tries the reader's latest
     ``min(copies, edges into it)`` edges, removed cumulatively, and a trial's time is the pass's
-    divided by its copies (every copy decided: a run of accepted trials)."""
+    divided by its copies (every copy decided: a run of accepted trials). ``slots``: measure only
+    these read slots (default: every one). On a mixed-precision engine (`circuitbench.precision`)
+    the trials run in PAHQ's precision layout (`Trials` sets the focus)."""
     from methods._common import BatchPlan
     from methods.acdc import Trials, _reader_order
 
@@ -164,7 +167,7 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
         trials.full(full)  # fills the full model's writer stack
         for reader, slot in _reader_order(g):
             weights[slot] = weights.get(slot, 0) + int(visible[reader])
-            if slot in steady:
+            if slot in steady or (slots is not None and slot not in slots):
                 continue
             mask = full.clone()
             mask[0, reader] = 0.0  # remove one edge into a reader of this slot
@@ -185,8 +188,11 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
             steady[slot] = statistics.median(_once(trial, device) / k / _once(plain_forward, device)
                                              for _ in range(repeats))
     ratios = {s: steady[s] + max(first[s] - steady[s], 0.0) / weights[s] for s in steady}
+    weights = {s: w for s, w in weights.items() if s in steady}
     if progress:
         what = "acdc trial" if copies == 1 else f"batched ({copies})"
+        if isinstance(mm.adapter, MixedPrecisionAdapter):
+            what = f"pahq {what}"
         for s, r in ratios.items():
             print(f"  {what} at slot {s:<3}   {r:6.3f} x plain forward (first at the slot {first[s]:.3f})",
                   file=sys.stderr)
@@ -198,6 +204,55 @@ def _acdc_default_width() -> int:
     from .method import get_method
 
     return int(get_method("acdc").Config.trial_batch)
+
+
+def _acdc_low_dtype() -> str:
+    """ACDC's default PAHQ low precision, from the method registry."""
+    from .method import get_method
+
+    return str(get_method("acdc").Config.low_dtype)
+
+
+def _pahq_engine(model):
+    """An engine on ``model`` with PAHQ's mixed precision at ACDC's default low precision."""
+    from .engine import MaskedModel
+    from .precision import mixed_precision
+
+    return MaskedModel(mixed_precision(model, _acdc_low_dtype()))
+
+
+def _acdc_peak_slot(graph) -> int:
+    """The read slot whose batched trials hold the widest copies: the first attention slot whose
+    readers read more than the input (layer 1's; layer 0's read one edge each: one copy)."""
+    return 2 if graph.n_layers > 1 else 0
+
+
+def _acdc_trial_peak_fn(model, mm, task, examples, precision, width, clean):
+    """A zero-argument callable for peak-memory measurement: ACDC's batched trials at
+    `_acdc_peak_slot` on a fresh plan, on ``mm`` (``precision="float32"``) or on a PAHQ engine
+    built inside the call (``"pahq"``: its low-precision copy of the weights counts)."""
+    hf = model.hf_model
+
+    def forward():
+        with torch.no_grad():
+            hf(clean)
+
+    def step():
+        engine = mm if precision == "float32" else _pahq_engine(model)
+        _acdc_trial_ratios(engine, task, examples, forward, 1, False, copies=width,
+                           slots=(_acdc_peak_slot(mm.graph),))
+    return step
+
+
+def _acdc_peak_mib(spec, batch, seq, threads, precision, width, device="cpu", dtype=None) -> float:
+    """Peak memory of ACDC's batched trials at one slot (MiB), in a fresh process (`_acdc_trial_peak_fn`)."""
+    from .bench import peak_mib_in_fresh_process
+
+    return peak_mib_in_fresh_process(threads, (
+        setup_source(spec, batch, seq, device, dtype, False) + ";"
+        "from circuitbench.bench_methods import _BenchTask,_examples,_acdc_trial_peak_fn;"
+        f"s=_acdc_trial_peak_fn(m,mm,_BenchTask(),_examples(c.cpu(),x.cpu(),m.hf_model.config.vocab_size),"
+        f"{precision!r},{int(width)},c)"), device)
 
 
 def _ep_peak_mib(spec, batch, seq, threads, device="cpu", dtype=None, checkpoint=False) -> float:
@@ -278,6 +333,9 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     batched_ratios, _ = _acdc_trial_ratios(mm, task, examples, forward, max(1, repeats // 2), progress, dev,
                                            copies=width)
     batched = sum(batched_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
+    pahq_ratios, _ = _acdc_trial_ratios(_pahq_engine(model), task, examples, forward, max(1, repeats // 2),
+                                        progress, dev, copies=width)
+    pahq = sum(pahq_ratios[s] * w for s, w in weights.items()) / sum(weights.values())
 
     result = {
         "model": spec, "batch": batch, "seq": seq, "threads": threads, "repeats": repeats, **info,
@@ -290,6 +348,10 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         "acdc_batched_trial_over_plain_forward": batched,
         "acdc_batched_trial_s": batched * t["plain_forward"],
         "acdc_batched_speedup": acdc / batched,
+        "acdc_pahq_low_dtype": _acdc_low_dtype(),
+        "acdc_pahq_batched_trial_over_plain_forward": pahq,
+        "acdc_pahq_batched_trial_s": pahq * t["plain_forward"],
+        "acdc_pahq_over_float32": pahq / batched,
     }
     if memory:
         from .bench import _peak_rss_mib
@@ -297,6 +359,11 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         result["plain_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, "plain", dev, dtype, checkpoint)
         result["ep_step_peak_mib"] = _ep_peak_mib(spec, batch, seq, threads, dev, dtype, checkpoint)
         result["memory_ep_over_plain"] = result["ep_step_peak_mib"] / max(result["plain_peak_mib"], 1e-9)
+        for name, precision in (("acdc_batched_trial_peak_mib", "float32"),
+                                ("acdc_pahq_batched_trial_peak_mib", "pahq")):
+            result[name] = _acdc_peak_mib(spec, batch, seq, threads, precision, width, dev, dtype)
+        result["memory_acdc_pahq_over_float32"] = (result["acdc_pahq_batched_trial_peak_mib"]
+                                                   / max(result["acdc_batched_trial_peak_mib"], 1e-9))
     return result
 
 

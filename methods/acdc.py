@@ -26,9 +26,28 @@ A sweep over ``taus`` gives one circuit per tau (keyed by its realised sparsity 
 tried edge, NaN for edges never tried). ``MethodResult.scores`` ranks the edges for cutting at any
 sparsity: the edges tried in the run at the smallest tau, ordered by the loss increase measured when
 each was tried (rank / number tried, in (0, 1]), then 0 for edges never tried.
+
+PAHQ (``precision = "pahq"``; Wang et al. 2025, "PAHQ: Accelerating Automated Circuit Discovery
+through Mixed-Precision Inference Optimization"): a trial's pass computes the component whose input
+the trial changes in the model's dtype (float32) and every other head and MLP it recomputes in
+``low_dtype`` (bfloat16 by default; `circuitbench.precision`). The full-precision component: at an
+attention slot, the heads the pass recomputes in the trial's layer (the reader's own head, or every
+head of a key/value reader's group, and heads a rejected trial left stale; on an adapter without
+head subsets, every head of the layer); at an MLP slot, that MLP; at the logits, nothing (only the
+unembedding runs). The embedding and the unembedding are full precision in every pass (the
+unembedding is the metric's readout), and so are the writer stack and the residual reads: rows of
+writers a trial does not recompute keep their exact values. The full model's pass, the corrupted
+pass and the reference logits are exact. A trial's loss is compared with the current circuit's
+loss measured in the same precision layout: when the search moves to a new slot, the current
+circuit's loss is measured again with that slot's layout (one pass per slot; every trial at a slot
+has the same layout, since the slot's layer is full precision and everything after it low). The
+reported KL of each circuit (``kl``) is then measured in full precision (one more pass), and the
+search's last mixed-precision loss is kept as ``search_kl``. float8 (the paper's GPU format) is
+not implemented: ``low_dtype`` float8 is a UserError.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -36,9 +55,13 @@ import torch
 
 from circuitbench.circuit import Circuit
 from circuitbench.errors import UserError
+from circuitbench.engine import MaskedModel
 from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method
+from circuitbench.precision import MixedPrecisionAdapter, mixed_precision, resolve_low_dtype
 
 from ._common import BatchPlan, progress_bar, valid_float
+
+PRECISIONS = ("float32", "pahq")  # "float32": every pass in the model's own dtype
 
 
 @dataclass
@@ -48,13 +71,16 @@ class ACDCConfig:
     cache_mib: float = 4096.0  # corrupted caches and full-model writer stacks kept when they fit
     trial_batch: int = 8  # most candidate edges of one reader tried in one batched pass (1: one by one)
     adapt: bool = True  # halve the batch after a rejection, double it after a pass of accepts (`_Width`)
+    precision: str = "float32"  # "pahq": trials in low_dtype except the trial's own component (module docstring)
+    low_dtype: str = "bfloat16"  # PAHQ's low precision: bfloat16 or float16 (float32: a check of the harness)
     per_task: dict = field(default_factory=dict)
 
 
 @register_method
 class ACDC(CircuitMethod):
     name = "acdc"
-    description = "ACDC: greedy edge removal in reverse topological order while the KL rises by less than tau"
+    description = ("ACDC: greedy edge removal in reverse topological order while the KL rises by less than tau "
+                   "(precision=pahq: PAHQ's mixed-precision trials)")
     Config = ACDCConfig
     presets = {
         "paper": {"taus": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
@@ -67,14 +93,23 @@ class ACDC(CircuitMethod):
     def check_config(cls, config) -> None:
         if isinstance(config.trial_batch, bool) or not isinstance(config.trial_batch, int) or config.trial_batch < 1:
             raise UserError(f"acdc needs trial_batch >= 1 (an integer), got {config.trial_batch!r}")
+        if config.precision not in PRECISIONS:
+            raise UserError(f"acdc's precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+        resolve_low_dtype(config.low_dtype)
+        if config.precision != "pahq" and config.low_dtype != ACDCConfig.low_dtype:
+            raise UserError(f"acdc's low_dtype ({config.low_dtype!r}) applies to precision='pahq' only")
 
     @classmethod
     def budget(cls, config: dict, n_train: int) -> str:
         taus = ", ".join(f"{float(t):g}" for t in config["taus"])
         width = int(config.get("trial_batch", 1))
         batched = f"; up to {width} trials of one reader share a pass" if width > 1 else ""
+        pahq = ""
+        if config.get("precision") == "pahq":
+            pahq = (f"; PAHQ: trials compute every head and MLP but the trial's own in "
+                    f"{config.get('low_dtype', ACDCConfig.low_dtype)}")
         return (f"one greedy search per tau ({taus}); each trial a pass over {n_train} training examples "
-                f"(batches of {config['batch_size']}){batched}")
+                f"(batches of {config['batch_size']}){batched}{pahq}")
 
     def discover(self, engine, task, train, validation, sparsities, seed=0, progress=True) -> MethodResult:
         cfg = self.config_for(task)
@@ -84,10 +119,15 @@ class ACDC(CircuitMethod):
         g = engine.graph
         meter = CostMeter(engine.device)
         with meter.phase("setup"):
+            if cfg.precision == "pahq":  # the same weights, with a low-precision copy for the trials
+                engine = MaskedModel(mixed_precision(engine.model, cfg.low_dtype))
             plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed, stack=True)
         # without the prepared batches kept, every trial redoes the corrupted and full passes
         result = MethodResult(circuits={}, info={"taus": [], "batches_kept": plan.keep_corrupted,
-                                                 "cache_estimate_mib": plan.estimate_mib()})
+                                                 "cache_estimate_mib": plan.estimate_mib(),
+                                                 "precision": cfg.precision})
+        if cfg.precision == "pahq":
+            result.info["low_dtype"] = cfg.low_dtype
         width = trial_width(engine, plan, cfg.trial_batch)
         result.info.update(width)
         for i, tau in enumerate(taus):
@@ -122,14 +162,18 @@ def ranking(increase: torch.Tensor) -> torch.Tensor:
     return out.view_as(increase)
 
 
-def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None, prefixes=None) -> float:
+def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None, prefixes=None, focus=None) -> float:
+    """The mean loss of ``mask`` over the plan's batches, the pass restarted at ``slot``. ``focus``:
+    a context manager factory that sets a mixed-precision engine's focus around each pass (never
+    around the batch's preparation, which is exact)."""
     total = 0.0
     for i, prepared in enumerate(plan.epoch()):
         b = prepared.batch
-        logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
-                        ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
-                        stack=prepared.stack, fresh_heads=fresh_heads,
-                        prefix=None if prefixes is None else prefixes.setdefault(i, {}))
+        with (focus() if focus is not None else contextlib.nullcontext()):
+            logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
+                            ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
+                            stack=prepared.stack, fresh_heads=fresh_heads,
+                            prefix=None if prefixes is None else prefixes.setdefault(i, {}))
         total += float(task.loss(logits, prepared.reference, b).double().sum())
         meter.forward()
     return total / plan.n_examples
@@ -150,6 +194,11 @@ class Trials:
       first trial at a slot computes it (a full read), the others read only the rows from the slot
       on. Kept when it fits in the plan's cache budget next to the stacks (a reader row per batch
       per later reader).
+
+    On a mixed-precision engine (`circuitbench.precision.mixed_precision`: PAHQ) each trial's pass
+    runs with the focus on its slot's component: the heads the pass recomputes in the slot's
+    layer (attention slot), the MLP (MLP slot), nothing (the logits); full passes run without a
+    focus (exact). `baseline` measures the current circuit in a slot's precision layout.
     """
 
     def __init__(self, engine, task, plan, meter, head_subsets=True):
@@ -158,24 +207,62 @@ class Trials:
         self.subsets = head_subsets and plan.keep_corrupted and getattr(engine.adapter, "head_subsets", False)
         budget = plan.cache_mib - plan.reference_mib() - plan.estimate_mib()
         self.share_prefix = self.subsets and plan.rows_mib(g.n_readers) <= budget
+        self.mixed = engine.adapter if isinstance(engine.adapter, MixedPrecisionAdapter) else None
         self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
 
-    def full(self, mask) -> float:
-        """The loss of ``mask`` from a pass over every slot (it rewrites every live row)."""
-        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
-        return _mean_loss(self.engine, self.task, self.plan, mask, 0, self.meter)
-
-    def loss(self, mask, reader, slot) -> float:
-        """The loss of ``mask``, which differs from the current circuit in ``reader``'s edges only."""
+    def _enter(self, slot):
         if slot != self._slot:  # a new slot: rows of its layer were last written by a pass over every head
             self._slot, self._stale = slot, set()
             self._prefixes = {} if self.share_prefix else None
-        fresh = None
-        if self.subsets and slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers:  # an attention slot
-            first = self.engine.graph.head_writers(slot // 2).start
-            self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
-            fresh = sorted(self._trial | self._stale)
-        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes)
+
+    def _attention_slot(self, slot) -> bool:
+        return slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers
+
+    def _focus(self, slot, fresh):
+        """The mixed-precision focus of a pass restarted at ``slot`` that recomputes the heads
+        ``fresh`` of an attention slot's layer (None: every head), as a context manager factory;
+        None on an exact engine."""
+        if self.mixed is None:
+            return None
+        g = self.engine.graph
+        if slot == 2 * g.n_layers:
+            return lambda: self.mixed.focused(logits=True)
+        if slot % 2:
+            return lambda: self.mixed.focused(slot // 2, mlp=True)
+        heads = range(g.n_heads) if fresh is None else fresh
+        return lambda: self.mixed.focused(slot // 2, heads=heads)
+
+    def _fresh(self, reader, slot):
+        if not (self.subsets and self._attention_slot(slot)):
+            return None
+        first = self.engine.graph.head_writers(slot // 2).start
+        self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
+        return sorted(self._trial | self._stale)
+
+    def full(self, mask) -> float:
+        """The loss of ``mask`` from a pass over every slot (it rewrites every live row); exact
+        (no mixed-precision focus)."""
+        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
+        return _mean_loss(self.engine, self.task, self.plan, mask, 0, self.meter)
+
+    def baseline(self, mask, slot) -> float:
+        """The loss of the current circuit ``mask`` from a pass restarted at ``slot`` in that slot's
+        precision layout (a mixed-precision engine's trials at ``slot`` compare with it). It
+        recomputes no head of an attention slot's layer when head subsets are on (their rows hold
+        the current circuit's exact values, except heads a rejected trial left stale) and rewrites
+        the rows after it."""
+        self._enter(slot)
+        fresh = sorted(self._stale) if self.subsets and self._attention_slot(slot) else None
+        self._stale = set()
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes,
+                          self._focus(slot, fresh))
+
+    def loss(self, mask, reader, slot) -> float:
+        """The loss of ``mask``, which differs from the current circuit in ``reader``'s edges only."""
+        self._enter(slot)
+        fresh = self._fresh(reader, slot)
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes,
+                          self._focus(slot, fresh))
 
     def settle(self, accepted: bool):
         """After a trial: ``accepted`` when its mask becomes the current circuit."""
@@ -185,22 +272,19 @@ class Trials:
         """The losses of K trials in one batched pass (`MaskedModel.forward`'s ``column``): trial
         k's mask is ``mask`` with ``reader``'s column replaced by ``values[k]``. The pass leaves the
         writer stacks as they were; call `settle_copies` after it."""
-        if slot != self._slot:
-            self._slot, self._stale = slot, set()
-            self._prefixes = {} if self.share_prefix else None
-        fresh = None
-        if self.subsets and slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers:
-            first = self.engine.graph.head_writers(slot // 2).start
-            self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
-            fresh = sorted(self._trial | self._stale)
+        self._enter(slot)
+        fresh = self._fresh(reader, slot)
+        focus = self._focus(slot, fresh)
         K = values.shape[0]
         totals = [0.0] * K
         for i, prepared in enumerate(self.plan.epoch()):
             b = prepared.batch
-            logits = self.engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
-                                 ablation=self.plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
-                                 stack=prepared.stack, fresh_heads=fresh, column=(reader, values),
-                                 prefix=None if self._prefixes is None else self._prefixes.setdefault(i, {}))
+            with (focus() if focus is not None else contextlib.nullcontext()):
+                logits = self.engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask,
+                                     positions=b.positions, ablation=self.plan.ablation,
+                                     corrupted=prepared.corrupted, start_slot=slot, stack=prepared.stack,
+                                     fresh_heads=fresh, column=(reader, values),
+                                     prefix=None if self._prefixes is None else self._prefixes.setdefault(i, {}))
             B = len(b)
             for k in range(K):  # summed as `_mean_loss` sums a single trial's
                 totals[k] += float(self.task.loss(logits[k * B:(k + 1) * B], prepared.reference, b).double().sum())
@@ -306,7 +390,12 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     to and including the first rejection (that copy's mask is the accepted edges plus the rejected
     one removed: the sequential trial's mask), and the next pass starts after it. The circuit and
     every recorded increase are the sequential search's (up to float rounding of the losses).
-    K adapts (`_Width`). ``stats`` (a dict) receives the passes and copies evaluated."""
+    K adapts (`_Width`). ``stats`` (a dict) receives the passes and copies evaluated.
+
+    On a mixed-precision engine (PAHQ, see the module docstring) the current circuit's loss is
+    measured again in each new slot's precision layout before the slot's first trial (``stats``:
+    ``baselines``), and the final mean loss returned is measured exactly (a full pass); ``stats``
+    gets the search's last mixed-precision loss as ``search_kl``."""
     g = engine.graph
     dev = engine.device
     valid = g.valid.to(dev)
@@ -319,8 +408,11 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     width = _Width(trial_batch, adapt)
     counts = stats if stats is not None else {}
     counts.update(passes=0, copies=0)
+    if trial.mixed is not None:
+        counts["baselines"] = 0
     # the full model's pass refreshes every batch's writer stack and gives the starting loss
     current = trial.full(mask)
+    measured_at = None  # the slot whose precision layout ``current`` was measured in (mixed precision)
     trials = 0
     bar = progress_bar(g.n_edges, desc, progress)
     for reader, slot in _reader_order(g):
@@ -332,6 +424,10 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
             continue
         reader_on[reader] = True
         candidates = list(reversed(range(visible[reader])))  # latest writer first
+        if trial.mixed is not None and candidates and slot != measured_at:
+            current = trial.baseline(mask, slot)  # the trials at this slot compare in its layout
+            measured_at = slot
+            counts["baselines"] += 1
         i = 0
         while i < len(candidates):
             k = min(width.now, len(candidates) - i)
@@ -377,4 +473,7 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
             bar.update(decided)
         bar.set_postfix(kl=f"{current:.3g}", kept=int(mask.sum()), refresh=False)
     bar.close()
+    if trial.mixed is not None:  # the circuit's loss in full precision
+        counts["search_kl"] = current
+        current = trial.full(mask)
     return (mask > 0) & valid, increase, current, trials
