@@ -542,3 +542,10 @@ def _check(cfg):
         raise UserError(f"node_target must lie in [0, 1.5], got {cfg.node_target}")
     if cfg.edge_target is not None and not 0 <= cfg.edge_target <= 1.5:
         raise UserError(f"edge_target must lie in [0, 1.5], got {cfg.edge_target}")
+    if isinstance(cfg.warm_start, str):  # a method's name: known and scoring, checked before any job runs
+        try:
+            other = get_method(cfg.warm_start)
+        except UserError as err:
+            raise UserError(f"ep.warm_start: {err}") from None
+        if other.produces != "scores":
+            raise UserError(f"edge pruning can warm-start only from a scoring method, not {cfg.warm_start!r}")

@@ -376,3 +376,18 @@ def test_node_loss_off_drops_the_node_term(tiny):
     off = EdgePruning(node_loss=False, **kw).discover(*args, progress=False)
     assert "node_target" in on.log[-1] and "lambda3" in on.log[-1]
     assert "node_target" not in off.log[-1] and "lambda3" not in off.log[-1]
+
+
+@pytest.mark.parametrize("value,msg", [("nope", "ep.warm_start: unknown method 'nope'"),
+                                       ("ep", "warm-start only from a scoring method")])
+def test_bad_warm_start_method_is_refused_before_any_job(value, msg, tmp_path):
+    """Issue 15: `--set ep.warm_start=NAME` names a registered scoring method; anything else is one
+    line and exit 2 at plan time (a dry run too), not a failed job."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "circuitbench", "run", "--methods", "ep", "--task", "ioi",
+                          "--model", "random:gpt2-tiny", "--preset", "smoke", "--set", f"ep.warm_start={value}",
+                          "--dry-run", "--results", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in out.stderr
