@@ -52,6 +52,26 @@ def is_converted(folder: pathlib.Path) -> bool:
     return all((folder / name).is_file() for name in CONVERTED_FILES)
 
 
+def cache_functions(model_name: str):
+    """An embedded model's ``(cache_dir, converted_dir, is_converted)``: its cache folder
+    `$CIRCUITBENCH_CACHE/<model_name>` (by default ``~/.cache/circuitbench/<model_name>``; not
+    created), the converted Hugging Face checkpoint inside it (``model``; it may not exist yet), and
+    whether that checkpoint is complete (no download or conversion needed)."""
+    def cache_dir() -> pathlib.Path:
+        return cache_base() / model_name
+
+    def converted_dir() -> pathlib.Path:
+        return cache_dir() / "model"
+
+    def converted() -> bool:
+        return is_converted(converted_dir())
+
+    cache_dir.__doc__ = f"Per-user cache folder of {model_name} (`cache_functions`)."
+    converted_dir.__doc__ = f"The converted checkpoint of {model_name} (`cache_functions`)."
+    converted.__doc__ = f"Whether {model_name}'s converted checkpoint is in the cache (`cache_functions`)."
+    return cache_dir, converted_dir, converted
+
+
 def ensure_cached(model_name: str, root: pathlib.Path, folder: pathlib.Path,
                   check: Callable[[pathlib.Path], None], build: Callable[[pathlib.Path], None]) -> pathlib.Path:
     """Return the converted ``folder`` of ``model_name`` (after ``check(folder)``), building it

@@ -62,20 +62,7 @@ WHEELS_ENV = "CIRCUITBENCH_GEMMA3_WHEELS"
 _PROMPT = "The capital of France is"
 
 
-def cache_dir() -> pathlib.Path:
-    """Per-user cache folder of gemma3-270m: `$CIRCUITBENCH_CACHE/gemma3-270m`, by default
-    `~/.cache/circuitbench/gemma3-270m`. Not created by this function."""
-    return embedded.cache_base() / MODEL_NAME
-
-
-def converted_dir() -> pathlib.Path:
-    """The folder holding the converted Hugging Face checkpoint (it may not exist yet)."""
-    return cache_dir() / "model"
-
-
-def is_converted() -> bool:
-    """Whether the converted checkpoint is in the cache (no download or conversion needed)."""
-    return embedded.is_converted(converted_dir())
+cache_dir, converted_dir, is_converted = embedded.cache_functions(MODEL_NAME)
 
 
 def offline_message() -> str:
