@@ -390,10 +390,8 @@ def auc_bars(auc_table) -> Artifact:
     handles = [Patch(facecolor=colours[m]) for m in methods] + \
               [Patch(facecolor="0.75", hatch=h, edgecolor="white") for h in hatches.values()]
     labels = methods + list(hatches)
-    # as many legend columns as the figure's width holds (long variant labels need ~1.9 inches)
-    per_col = max(1.0, max(0.35 + 0.085 * len(str(label)) for label in labels))
-    ncol = max(1, min(len(labels), 7, int(fig.get_figwidth() / per_col)))
-    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, borderaxespad=0.2)
+    legend = fig.legend(handles, labels, loc="lower center", ncol=style.legend_columns(fig, labels), frameon=False,
+                        borderaxespad=0.2)
     fig.suptitle(art.title, y=0.995)
     style.fit_panels(fig, legend)
     art.figure = fig

@@ -60,3 +60,10 @@ def fit_panels(fig, legend=None, rect_top: float = 1.0) -> None:
     down = max(min(b.y0 for b in boxes) - (floor + gap), 0.0)
     params = fig.subplotpars
     fig.subplots_adjust(top=params.top + up / height, bottom=params.bottom - down / height)
+
+
+def legend_columns(fig, labels, most: int = 7) -> int:
+    """How many legend columns fit across ``fig``'s width for these labels (a long label needs
+    about 0.085 inch per character plus its handle), at most ``most``."""
+    per_col = max(1.0, max((0.35 + 0.085 * len(str(label)) for label in labels), default=1.0))
+    return max(1, min(len(labels), most, int(fig.get_figwidth() / per_col)))

@@ -124,8 +124,9 @@ def training_curves(data: ReportData):
             right = _panel(ax, job, colours)
         handles = flat[0].get_legend_handles_labels()
         more = right.get_legend_handles_labels() if right is not None else ([], [])
-        legend = fig.legend(handles[0] + more[0], handles[1] + more[1], loc="lower center", ncol=4, frameon=False,
-                            bbox_to_anchor=(0.5, 0.0), borderaxespad=0.2)
+        labels = handles[1] + more[1]
+        legend = fig.legend(handles[0] + more[0], labels, loc="lower center", ncol=style.legend_columns(fig, labels, 4),
+                            frameon=False, bbox_to_anchor=(0.5, 0.0), borderaxespad=0.2)
         methods = ", ".join(sorted(set(jobs["method"])))
         fig.suptitle(f"Training curves: {methods} on {task}, {model}", y=0.995)
         style.fit_panels(fig, legend)
