@@ -77,6 +77,15 @@ class Adapter(ABC):
         ...
 
     # ---- shared helpers ------------------------------------------------------------------------
+    def shape_from_config(self, cfg) -> None:
+        """Layers, heads, key/value heads, d_model and head_dim from a Llama-style Hugging Face
+        config (``num_key_value_heads`` and ``head_dim`` optional)."""
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_model = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+
     def kv_groups(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sorted key/value groups that ``heads`` use, each head's position in that list)."""
         group = heads // (self.n_heads // self.n_kv_heads)

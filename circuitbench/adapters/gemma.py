@@ -96,11 +96,7 @@ class GemmaAdapter(Adapter):
                             "circuitbench supports causal language models only")
         self.family = FAMILIES[cfg.model_type]
         self.hf, self.core, self.cfg = hf_model, core, cfg
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.d_model = cfg.hidden_size
-        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.shape_from_config(cfg)
         H, G, dh, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
         self.windows = sliding_windows(cfg, self.n_layers)
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * self.n_layers)
