@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import UserError, UnsupportedModel
 from .store import ResultsStore, check_writable, now_iso, run_id_for
-from .sweep import Job, Reference, Sweep
+from .sweep import JobSpec, Reference, Sweep
 
 BACKENDS = ("local", "dask", "ray")
 
@@ -52,7 +52,7 @@ class Unit:
     """One piece of work for a worker: ``kind`` is "job", "extend" or "reference"."""
 
     kind: str
-    job: Job | None = None
+    job: JobSpec | None = None
     reference: Reference | None = None
     sparsities: tuple[float, ...] = ()  # "extend": the sparsities still missing
     scores: np.ndarray | None = None  # "extend": the stored scores to cut
@@ -164,7 +164,7 @@ def _evaluate(model, task, circuit, item, test, progress, references=False):
     return {k: float(v) for k, v in values.items()}, n
 
 
-def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
+def _run_records(job: JobSpec, circuits: dict, model, task, test, progress: bool):
     """Evaluate the circuits on ``test`` (sharing each batch's reference and corrupted passes);
     returns (runs, metrics, circuit dicts)."""
     from .evaluate import evaluate_many
@@ -395,10 +395,10 @@ def _cluster_backend(backend: str, cluster: str | None):
 # ---- planning -------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    jobs: list[Job]
+    jobs: list[JobSpec]
     references: list[Reference]
     units: list[Unit]
-    skipped: list[Job]
+    skipped: list[JobSpec]
     device: str
     dtype: str
     warnings: list[str] = field(default_factory=list)
@@ -420,7 +420,7 @@ def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
     return jobs, refs, warnings
 
 
-def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None, device: str, dtype: str,
+def make_plan(jobs: list[JobSpec], refs: list[Reference], store: ResultsStore | None, device: str, dtype: str,
               progress: bool, threads: int | None, warnings=()) -> Plan:
     """The units still to run: what the store (None: an empty one) does not hold yet."""
     status = store.job_status([j.job_id for j in jobs]) if store else {}
@@ -457,7 +457,7 @@ def _canonical(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def stored_inputs(store: ResultsStore, job: Job) -> dict:
+def stored_inputs(store: ResultsStore, job: JobSpec) -> dict:
     """``{key: StoredScores}`` for the method of ``job``: for each (method, hyperparameters) its
     `CircuitMethod.score_inputs` names, the scores of the store's earliest complete job of that
     method and those resolved hyperparameters on the same data as ``job`` (its config equal to
@@ -621,7 +621,7 @@ def _probe(model: str, task_name: str, device: str, dtype: str, batch: int) -> t
     return timed(forward), timed(step)
 
 
-def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, int, str]:
+def planned_passes(job: JobSpec, n_edges: int | None) -> tuple[float, float, int, str]:
     """(forward, backward, batch size, how) a job is expected to spend, in passes over a batch.
 
     A method may declare ``planned_passes(config: dict, n_train: int, n_edges: int | None,

@@ -163,6 +163,13 @@ ERROR_CASES = {
     "negative sparsity": (["--methods", "eap", "--task", "ioi-t1", "--sparsities=-0.5"], "outside [0, 1)"),
     "n_train too large": (["--methods", "eap", "--task", "ioi", "--n-train", "200,1000000"], "training pool"),
     "unknown hyperparameter": (["--methods", "eap", "--task", "ioi-t1", "--set", "eap.nope=1"], "unknown eap hyperparameter"),
+    "unknown ep hyperparameter": (["--methods", "ep,eap", "--task", "gt", "--set", "ep.nosuch=1"],
+                                  "unknown ep hyperparameter(s) nosuch"),
+    "hyperparameter of the wrong type": (["--methods", "ep,eap", "--task", "gt", "--set", "ep.steps=abc"],
+                                         "ep.steps: expected int, got 'abc'"),
+    "ensemble member hyperparameter of the wrong type": (
+        ["--methods", "ensemble", "--task", "gt", "--set", "ensemble.member_config={eap = {batch_size = 0.5}}"],
+        "ensemble member eap: eap.batch_size: expected int, got 0.5"),
     "unknown backend": (["--methods", "eap", "--task", "ioi-t1", "--backend", "spark"], "invalid choice"),
     "no method": (["--task", "ioi-t1"], "no method given"),
 }
