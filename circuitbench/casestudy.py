@@ -125,7 +125,7 @@ def run_casestudy(model: str, preset: str = "quick", results: str = "results", s
 
 
 def _print_memory(model, dtype, checkpoint, out):
-    from .distributed import memory_lines
+    from .costs import memory_lines
 
     # the plan above already printed the estimate for one device at this dtype without checkpointing
     for n in ((1, 32) if checkpoint else (32,)):
@@ -134,7 +134,8 @@ def _print_memory(model, dtype, checkpoint, out):
 
 
 def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> dict:
-    from .runner import _graph_dict, _model_and_engine, device_name, library_versions
+    from .runner import _graph_dict
+    from .workbench import device_name, library_versions, model_and_engine
     from .store import ResultsStore, now_iso, run_id_for
     from .sweep import HASH_VERSION, config_hash
     from .tasks import get_task
@@ -146,7 +147,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
     limit, data_seed = ip_job.eval_limit, ip_job.data_seed
     store = ResultsStore(results)
     try:
-        model, _ = _model_and_engine(ip_job.model, device, dtype)
+        model, _ = model_and_engine(ip_job.model, device, dtype)
         tasks = {IP_TASK: get_task(IP_TASK), FS_TASK: get_task(FS_TASK)}
         circuits = {IP_TASK: store.circuit(ip_run), FS_TASK: store.circuit(fs_run)}
         have = store.metrics(split=[f"test@{FS_TASK}", f"test@{IP_TASK}"])

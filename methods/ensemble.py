@@ -198,7 +198,7 @@ class Ensemble(CircuitMethod):
     def planned_passes(cls, config: dict, n_train: int, n_edges, n_sparsities: int) -> tuple[float, float]:
         """The members' planned passes, summed (each rescaled from the member's batch size to the
         runner's default batch for a method without one)."""
-        from circuitbench.runner import planned_passes_for
+        from circuitbench.costs import planned_passes_for
 
         batch = max(1, min(32, n_train))
         fwd = bwd = 0.0

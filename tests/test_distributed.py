@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from circuitbench.distributed import (DataParallel, ShardedLlamaAdapter, acdc_seconds, codellama_13b_config,
-                                      config_for_spec, discover_local, estimate_memory, shard_model,
-                                      train_edge_pruning)
+from circuitbench.costs import acdc_seconds, codellama_13b_config, config_for_spec, estimate_memory
+from circuitbench.distributed import DataParallel, ShardedLlamaAdapter, discover_local, shard_model, train_edge_pruning
 from circuitbench.errors import UserError
 
 # ioi on the random Llama: the empty circuit's KL is ~0.25, so the masks' gradients are far from zero;

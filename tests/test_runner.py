@@ -378,26 +378,26 @@ def test_execution_plan():
 def test_dry_run_measures_pass_times_on_the_model(monkeypatch, capsys):
     """Without stored runs, the dry run times the model itself (one masked forward, one forward +
     backward) instead of assuming a throughput, and a training job's estimate is its steps x that step."""
-    from circuitbench import runner
+    from circuitbench import costs, runner
 
     monkeypatch.setenv("CIRCUITBENCH_RANDOM_TOKENIZER", "synthetic")  # no download in a dry run
-    runner._PROBED.clear()
-    forward, step = runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16)
+    costs._PROBED.clear()
+    forward, step = costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16)
     assert 0 < forward < step
     # batches up to PROBE_BATCH are timed at their own size, larger ones scaled from it
-    assert runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 32) == (2 * forward, 2 * step)
-    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) not in runner._PROBED
-    runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4)
-    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) in runner._PROBED
-    assert runner.probe_pass_s("random:codellama-13b", "ioi-t1", "cpu", "float32", 8) is None  # too large
+    assert costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 32) == (2 * forward, 2 * step)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) not in costs._PROBED
+    costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) in costs._PROBED
+    assert costs.probe_pass_s("random:codellama-13b", "ioi-t1", "cpu", "float32", 8) is None  # too large
     s = sweep(methods="ep", sparsities="0.9")
     jobs, refs, _ = runner.validate(s, "cpu", "float32")
     plan = runner.make_plan(jobs, refs, None, "cpu", "float32", False, None)
-    _, per_unit = runner.estimate_plan(plan, None, probe=True)
+    _, per_unit = costs.estimate_plan(plan, None, probe=True)
     unit, secs, how = next(u for u in per_unit if u[0].kind == "job")
     assert "measured now" in how
     steps, batch = unit.job.method_config["steps"], min(unit.job.method_config["batch_size"], unit.job.n_train)
-    eval_s = secs - steps * runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", batch)[1]
+    eval_s = secs - steps * costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", batch)[1]
     assert 0 < eval_s < secs  # the rest is the circuit's evaluation
-    _, assumed = runner.estimate_plan(plan, None, probe=False)
+    _, assumed = costs.estimate_plan(plan, None, probe=False)
     assert "assumed" in next(how for u, _, how in assumed if u.kind == "job")
