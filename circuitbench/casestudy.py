@@ -134,7 +134,6 @@ def _print_memory(model, dtype, checkpoint, out):
 
 
 def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> dict:
-    from .runner import _graph_dict
     from .workbench import device_name, library_versions, model_and_engine
     from .store import ResultsStore, now_iso, run_id_for
     from .sweep import HASH_VERSION, config_hash
@@ -159,9 +158,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
             from .evaluate import evaluate
 
             if task_name not in tests:  # the test split the runner evaluates on (built as the job's data), once
-                job = by_task[task_name]
-                sizes = {"validation": job.n_validation} if job.n_validation is not None else None
-                splits = tasks[task_name].build(model.tokenizer, seed=data_seed, n_train=job.n_train, sizes=sizes)
+                splits = by_task[task_name].data.build(tasks[task_name], model.tokenizer)
                 tests[task_name] = splits.split("test") if limit is None else splits.head("test", limit)
             values = evaluate(model, tasks[task_name], circuit, batch_size=eval_batch_size,
                               examples=tests[task_name], progress=progress)
@@ -207,7 +204,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
                    "wall_total_s": eval_s, "forward_passes": 0, "backward_passes": 0, "peak_memory_mib": None,
                    "device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
                    "host": __import__("socket").gethostname(), "versions": library_versions(),
-                   "graph": _graph_dict(graph), "log": [], "info": info, "started_at": now_iso(),
+                   "graph": graph.to_dict(), "log": [], "info": info, "started_at": now_iso(),
                    "finished_at": now_iso()}
             run = {"run_id": inter_run, "job_id": inter_job, "target_sparsity": LABEL_SPARSITY,
                    "sparsity": float(inter.sparsity), "n_edges": overlap, "n_effective": inter.n_effective,

@@ -9,8 +9,8 @@ assumed from the model's size (`assumed_forward_s`).
 Memory. `estimate_memory(config, n_devices, batch, seq, dtype, checkpoint)` estimates the peak
 bytes per device of Edge Pruning's training step from a transformers config alone (weights /
 shards, the writer stack and its gradient, the corrupted cache, per-layer activations with or
-without checkpointing, the masks and their Adam state); `config_for_spec` gives a model spec's
-config without loading weights, `codellama_13b_config` CodeLlama-13B's without the hub.
+without checkpointing, the masks and their Adam state), given a config without loading weights
+(`circuitbench.models.ModelSpec.config`; `codellama_13b_config`: CodeLlama-13B's, without the hub).
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def model_shape(model: str) -> tuple[int, int, int, int, int] | None:
 
     if model in KNOWN_SHAPES:
         return KNOWN_SHAPES[model]
-    if model.startswith("random:") and model[7:] in models.RANDOM_SHAPES:
-        family, kw = models.RANDOM_SHAPES[model[7:]]
+    spec = models.ModelSpec.parse(model)
+    if spec.known_random:
+        family, kw = models.RANDOM_SHAPES[spec.name]
         if family == "gpt2":
             L, H, d = kw["n_layer"], kw["n_head"], kw["n_embd"]
             return L, H, H, d, L * 12 * d * d
@@ -68,7 +69,9 @@ def assumed_forward_s(model: str, device: str, batch: int) -> float | None:
         return None
     L, H, kv, d, params = shape
     edges = Graph(L, H, kv).n_edges
-    tokens = 6 if model.startswith("tracr:") else ASSUMED_TOKENS
+    from .models import ModelSpec
+
+    tokens = 6 if ModelSpec.parse(model).kind == "tracr" else ASSUMED_TOKENS
     flops = batch * tokens * 2 * (params + edges * d)
     return ASSUMED_LAYER_OVERHEAD_S[device] * L + flops / ASSUMED_FLOPS[device]
 
@@ -85,13 +88,13 @@ def _loads_without_download(model: str) -> bool:
     from . import models
     from .models import smollm2
 
-    if model.startswith("tracr:"):
+    spec = models.ModelSpec.parse(model)
+    if spec.kind == "tracr":
         return True
-    if model.startswith("random:"):
-        name = model.split(":", 1)[1]
-        return name in models.RANDOM_SHAPES and name not in models.RANDOM_ON_DEVICE and (
-            models.random_tokenizer(name) == "synthetic" or smollm2.is_converted())
-    if model in models.EMBEDDED:
+    if spec.kind == "random":
+        return spec.known_random and spec.name not in models.RANDOM_ON_DEVICE and (
+            models.random_tokenizer(spec.name) == "synthetic" or smollm2.is_converted())
+    if spec.kind == "embedded":
         return models.embedded_module(model).is_converted()
     return False
 
@@ -120,6 +123,7 @@ def _probe(model: str, task_name: str, device: str, dtype: str, batch: int) -> t
     import torch
 
     from .tasks import get_task
+    from .tasks.base import DataSpec
 
     shape = model_shape(model)
     if shape is None or shape[4] > PROBE_MAX_PARAMS or not _loads_without_download(model):
@@ -127,7 +131,7 @@ def _probe(model: str, task_name: str, device: str, dtype: str, batch: int) -> t
     try:
         loaded, engine = model_and_engine(model, device, dtype)
         task = get_task(task_name)
-        examples = task.build(loaded.tokenizer, seed=0, n_train=batch).train
+        examples = DataSpec(0, batch).build(task, loaded.tokenizer).train
         b = examples.select(torch.arange(min(batch, len(examples)))).to(loaded.device)
     except UserError:
         return None
@@ -316,35 +320,6 @@ def codellama_13b_config():
     return random_config("codellama-13b")
 
 
-KNOWN_CONFIGS = {"codellama/CodeLlama-13b-Instruct-hf": codellama_13b_config,
-                 "codellama/CodeLlama-13b-hf": codellama_13b_config}
-
-
-def config_for_spec(spec: str):
-    """A model spec's transformers config without loading weights, or None when it is unknown
-    offline (a hub id not in the cache)."""
-    from . import models
-
-    if spec in KNOWN_CONFIGS:
-        return KNOWN_CONFIGS[spec]()
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        return models.random_config(name) if name in models.RANDOM_SHAPES else None
-    if spec == "smollm2-135m":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-                           intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-    if spec.startswith("tracr:"):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(os.path.expanduser(spec), local_files_only=True)
-    except Exception:
-        return None
-
-
 def _shape(config) -> dict:
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
     L = get("num_hidden_layers", "n_layer")
@@ -464,9 +439,11 @@ def memory_lines(models, dtype: str, checkpoint: bool = False, n_devices: int = 
                  seq: int = 128) -> list[str]:
     """`format_estimate` lines for the Llama-family models among ``models`` whose config is known
     offline (what ``circuitbench run --dry-run`` prints)."""
+    from .models import ModelSpec
+
     lines = []
     for spec in models:
-        config = config_for_spec(spec)
+        config = ModelSpec.parse(spec).config()
         if config is not None and getattr(config, "model_type", "") in ("llama", "mistral"):
             lines.append(format_estimate(spec, config, n_devices, batch, seq, dtype, checkpoint))
     return lines

@@ -378,10 +378,11 @@ def train_edge_pruning(spec: str, task_name: str, sparsity: float, n_train: int,
     process group (`load_for_rank`)."""
     from .method import get_method
     from .tasks import get_task
+    from .tasks.base import DataSpec
 
     model, engine = load_for_rank(spec, device, dtype, fsdp, checkpoint=False)
     task = get_task(task_name)
-    train = task.build(model.tokenizer, seed=data_seed, n_train=n_train).train.to(model.device)
+    train = DataSpec(data_seed, n_train).build(task, model.tokenizer).train.to(model.device)
     cls = get_method("ep")
     method = cls(preset=preset, **(overrides or {}))
     method.data_parallel = dp
@@ -442,14 +443,15 @@ def _sweep_from_args(args, device: str):
 
 
 def main(argv=None) -> int:
-    from .costs import config_for_spec, format_estimate
+    from .costs import format_estimate
+    from .models import ModelSpec
 
     args = _parser().parse_args(argv)
     failed = 0
     try:
         if args.dry_run:
             _sweep_from_args(args, "cpu")  # validates the arguments
-            config = config_for_spec(args.model)
+            config = ModelSpec.parse(args.model).config()
             if config is None:
                 raise UserError(f"no config for {args.model!r} without loading it (not cached offline)")
             dtype = args.dtype or "bfloat16"

@@ -87,20 +87,10 @@ class RunSummary:
     dry_run: bool = False
 
 
-def _graph_dict(graph) -> dict:
-    shape = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
-             "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
-    if graph.parallel:  # only then, so records of sequential models stay as they were
-        shape["parallel"] = True
-    return shape
-
-
 def _test_split(model, task, item):
-    """The test split built exactly as the job's data (same seed and split sizes), so it never
-    overlaps the examples a method trained on."""
-    sizes = {"validation": item.n_validation} if item.n_validation is not None else None
-    return task.build(model.tokenizer, seed=item.data_seed, n_train=getattr(item, "n_train", None),
-                      sizes=sizes).test
+    """The test split of ``item``'s data (a job's or a reference's), never overlapping the
+    examples a method trained on."""
+    return item.data.build(task, model.tokenizer).test
 
 
 def _evaluate(model, task, circuit, item, test, progress, references=False):
@@ -189,8 +179,7 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     harness["load_model"] = time.perf_counter() - t0
     task = get_task(job.task)
     t0 = time.perf_counter()
-    sizes = {"validation": job.n_validation} if job.n_validation is not None else None
-    splits = task.build(model.tokenizer, seed=job.data_seed, n_train=job.n_train, sizes=sizes)
+    splits = job.data.build(task, model.tokenizer)
     train = splits.train.to(model.device)
     validation = splits.validation.to(model.device)
     harness["build_data"] = time.perf_counter() - t0
@@ -207,7 +196,7 @@ def _execute_job(unit: Unit, record: dict) -> dict:
         scores = result.scores.detach().float().cpu().masked_fill(~model.graph.valid, float("nan")).numpy()
     record.update(wall_s=dict(cost.wall_s), wall_total_s=float(sum(cost.wall_s.values())),
                   forward_passes=int(cost.forward_passes), backward_passes=int(cost.backward_passes),
-                  peak_memory_mib=cost.peak_memory_mib, graph=_graph_dict(model.graph),
+                  peak_memory_mib=cost.peak_memory_mib, graph=model.graph.to_dict(),
                   log=list(result.log), info={**dict(result.info), "harness_s": harness,
                                                "n_train_built": len(train), "n_validation_built": len(validation),
                                                "data_variant": splits.variant},
@@ -244,60 +233,6 @@ def _execute_reference(unit: Unit) -> dict:
     split = {"full": {k[5:]: v for k, v in values.items() if k.startswith("full/")},
              "empty": {k[6:]: v for k, v in values.items() if k.startswith("empty/")}}
     return {"kind": "reference", "reference": ref, "values": {"test": split}}
-
-
-# ---- validation before any work ------------------------------------------------------------------------
-def check_model_spec(spec: str) -> None:
-    """Raise `UserError` for a model spec that cannot be loaded, without loading any weights."""
-    from . import models
-
-    if spec.startswith("random:"):
-        if spec.split(":", 1)[1] not in models.RANDOM_SHAPES:
-            raise UserError(f"unknown model {spec!r}; random models: "
-                            f"{', '.join('random:' + n for n in models.RANDOM_SHAPES)}")
-        return
-    if spec.startswith("tracr:"):
-        if spec.split(":", 1)[1] not in models.TRACR_PROGRAMS:
-            raise UserError(f"unknown model {spec!r}; Tracr programs: "
-                            f"{', '.join('tracr:' + n for n in models.TRACR_PROGRAMS)}")
-        return
-    if spec in models.EMBEDDED:
-        return
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        config_file = os.path.join(path, "config.json")
-        if not os.path.exists(config_file):
-            raise UserError(f"model folder {spec!r} has no config.json")
-        try:
-            with open(config_file) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError) as err:
-            raise UserError(f"model folder {spec!r}: config.json cannot be read ({err})") from None
-        models.check_family(model_type, spec)
-        return
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(spec, local_files_only=True)
-    except Exception:
-        config = None
-    if config is not None:
-        models.check_family(config.model_type, spec)
-        return
-    if spec.startswith((".", "/", "~")):
-        raise UserError(f"unknown model {spec!r}: no such folder")
-    if not models._hub_reachable():
-        raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
-                        f"({', '.join(models.EMBEDDED)}), not in the Hugging Face cache, and the hub "
-                        f"cannot be reached")
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(spec)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"unknown model {spec!r}: {first}") from None
-    models.check_family(config.model_type, spec)
 
 
 @contextmanager
@@ -359,11 +294,13 @@ def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
     """Expand the sweep and check every name and model; returns (jobs, references, warnings).
     ``strict``: a model that cannot be loaded is an error (a dry run only warns, so the plan of
     a sweep meant for another machine can still be shown)."""
+    from .models import ModelSpec
+
     jobs, refs = sweep.plan(device=device.split(":")[0], dtype=dtype)
     warnings = []
     for model in sorted({j.model for j in jobs} | {r.model for r in refs}):
         try:
-            check_model_spec(model)
+            ModelSpec.parse(model).check()
         except UserError as err:
             if strict or isinstance(err, UnsupportedModel):
                 raise

@@ -608,9 +608,7 @@ class ResultsStore:
                                 f"({', '.join(f'{r[2]:g}' for r in rows)})")
             row = rows[0]
         g = json.loads(row[1])
-        graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True),
-                      g.get("parallel", False))
-        return Circuit.load(self.root / row[0], graph)
+        return Circuit.load(self.root / row[0], Graph.from_dict(g))
 
     def counts(self) -> dict[str, int]:
         """Numbers of complete and failed jobs, runs and reference sets (for messages and tests)."""

@@ -352,6 +352,13 @@ class JobSpec:
         object.__setattr__(self, "job_id", config_hash(config))
 
     @property
+    def data(self):
+        """The job's data (`circuitbench.tasks.base.DataSpec`): its seed and split sizes."""
+        from .tasks.base import DataSpec
+
+        return DataSpec(self.data_seed, self.n_train, self.n_validation)
+
+    @property
     def target_sparsity(self) -> float | None:
         """A circuit method trained for one target: that target; otherwise None."""
         return self.sparsities[0] if self.produces == "circuits" and len(self.sparsities) == 1 else None
@@ -376,18 +383,23 @@ class Reference:
     eval_batch_size: int
     n_validation: int | None = None  # the test split is drawn after the validation split
 
+    @property
+    def data(self):
+        """The data the references are evaluated on: the default training size (`DataSpec`)."""
+        from .tasks.base import DataSpec
+
+        return DataSpec(self.data_seed, None, self.n_validation)
+
 
 def _tokenizer_tag(model: str) -> str | None:
     """The tokenizer a job records in its id when it is not the model's usual one: "synthetic" for a
     random model under ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic``; None otherwise."""
-    if not model.startswith("random:"):
-        return None
     from . import models
 
-    name = model.split(":", 1)[1]
-    if name not in models.RANDOM_SHAPES:
+    spec = models.ModelSpec.parse(model)
+    if not spec.known_random:
         return None
-    tok = models.random_tokenizer(name)
+    tok = models.random_tokenizer(spec.name)
     return tok if tok != "smollm2" else None
 
 

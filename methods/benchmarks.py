@@ -448,7 +448,8 @@ def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     one device at this batch, length, dtype and checkpointing. ``memory`` is accepted for the
     common signature; memory is always measured here (in this process).
     """
-    from circuitbench.costs import config_for_spec, estimate_memory
+    from circuitbench.costs import estimate_memory
+    from circuitbench.models import ModelSpec
 
     info, model, mm, clean, corrupted, task, examples = _bench_setup(spec, batch, seq, threads, device, dtype,
                                                                      checkpoint)
@@ -464,7 +465,7 @@ def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
               "parameters": sum(p.numel() for p in model.hf_model.parameters()), "weights_mib": weights / 2**20,
               "ep_step_s": step_s, "setup_s": costs[0].wall_s.get("setup", float("nan")),
               "peak_step_mib": peak_step, "peak_total_mib": peak_total}
-    config = config_for_spec(spec) or model.hf_model.config
+    config = ModelSpec.parse(spec).config() or model.hf_model.config
     try:
         est = estimate_memory(config, 1, batch, seq, info["dtype"], checkpoint)
     except Exception as err:  # a config the estimate cannot read: report the measurement alone
