@@ -315,22 +315,20 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
         cls.data_parallel = dp  # this process is one rank of the group for every job it runs
         unit = runner.Unit("job", job=job, device=device, dtype=dtype, progress=progress and dp.rank == 0)
         result = runner.execute(unit)
-        if result["kind"] == "failed":
+        if result.kind == "failed":
             failed += 1
+        else:
+            result.info["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp, "checkpoint": checkpoint}
         if dp.rank == 0:
             store = ResultsStore(results)
             try:
-                if result["kind"] == "failed":
-                    store.record_failure(result["job"], result["error"])
-                    print(f"job {job.job_id} ({job.label}) failed: {result['error']}", file=sys.stderr)
-                else:
-                    result["job"]["info"]["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp,
-                                                              "checkpoint": checkpoint}
-                    store.record_job(result["job"], result["runs"], result["metrics"], result["circuits"],
-                                     result.get("scores"))
-                    print(f"recorded {job.label}", file=out, flush=True)
+                store.record(result)
             finally:
                 store.close()
+            if result.kind == "failed":
+                print(f"job {job.job_id} ({job.label}) failed: {result.error}", file=sys.stderr)
+            else:
+                print(f"recorded {job.label}", file=out, flush=True)
     return failed
 
 

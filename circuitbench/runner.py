@@ -1,4 +1,4 @@
-"""The runner: executes a sweep's jobs and records them in the results store.
+"""The runner: one run loop, plan -> execute -> record, for a sweep's jobs.
 
 `run_sweep` plans the jobs (`circuitbench.sweep`), validates everything a user can get wrong
 before any work starts, skips what the store already holds, and executes the rest:
@@ -11,8 +11,9 @@ before any work starts, skips what the store already holds, and executes the res
   those members itself), so run the members first to reuse them. A *reference* unit evaluates the
   full model and the empty circuit once per task/model/test split. An *extend* unit adds
   sparsities to a complete score-based job by cutting its stored scores (no rediscovery).
-- **Recording.** Units return their results to this process, which writes them (circuit files,
-  then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
+- **Recording.** A unit runs without touching the store (`execute`) and returns a typed result
+  (`circuitbench.result.JobResult` or `ReferenceResult`) to this process, which writes it with
+  `ResultsStore.record` (circuit files, then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
 - **Execution** goes through joblib: in this process by default (joblib's sequential backend),
@@ -42,6 +43,7 @@ from .errors import UserError, UnsupportedModel
 from .costs import ASSUMED_FLOPS, PROBE_MAX_PARAMS, estimate_plan, format_seconds, memory_lines
 from .store import ResultsStore, check_writable, now_iso, run_id_for
 from .sweep import JobSpec, Reference, Sweep
+from .result import JobResult, ReferenceResult
 from .workbench import device_name, library_versions, model_and_engine
 
 BACKENDS = ("local", "dask", "ray")
@@ -136,37 +138,33 @@ def _run_records(job: JobSpec, circuits: dict, model, task, test, progress: bool
     return runs, metrics, files
 
 
-def execute(unit: Unit) -> dict:
-    """Run one unit (in whichever process joblib chose) and return what the parent records."""
+def execute(unit: Unit):
+    """Run one unit (in whichever process joblib chose) without touching the store; returns its
+    `JobResult` or `ReferenceResult` for the parent to record."""
     import torch
 
     if unit.threads:
         torch.set_num_threads(unit.threads)
     if unit.kind == "reference":
         return _execute_reference(unit)
-    job = unit.job
-    record = {"job_id": job.job_id, "config": job.config, "method": job.method,
-              "method_preset": job.method_preset, "method_config": job.method_config, "task": job.task,
-              "model": job.model, "dtype": job.dtype, "n_train": job.n_train, "n_validation": job.n_validation,
-              "data_seed": job.data_seed, "seed": job.seed, "target_sparsity": job.target_sparsity,
-              "device": unit.device, "threads": torch.get_num_threads(), "host": socket.gethostname(),
-              "started_at": now_iso()}
+    environment = {"device": unit.device, "threads": torch.get_num_threads(), "host": socket.gethostname(),
+                   "started_at": now_iso()}
     try:
-        record["device_name"] = device_name(unit.device)
-        record["versions"] = library_versions()
+        environment["device_name"] = device_name(unit.device)
+        environment["versions"] = library_versions()
         if unit.kind == "extend":
-            return _execute_extend(unit, record)
-        return _execute_job(unit, record)
+            return _execute_extend(unit, environment)
+        return _execute_job(unit, environment)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # one failing job must not take the sweep down; the error is recorded
         tb = traceback.extract_tb(err.__traceback__)
         where = f" (at {tb[-1].filename.rsplit(os.sep, 1)[-1]}:{tb[-1].lineno})" if tb else ""
-        record["finished_at"] = now_iso()
-        return {"kind": "failed", "job": record, "error": f"{type(err).__name__}: {err}{where}"}
+        environment["finished_at"] = now_iso()
+        return JobResult(unit.job, environment, error=f"{type(err).__name__}: {err}{where}")
 
 
-def _execute_job(unit: Unit, record: dict) -> dict:
+def _execute_job(unit: Unit, environment: dict) -> JobResult:
     import torch
 
     from .method import circuits_at, get_method
@@ -194,17 +192,16 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     scores = None
     if result.scores is not None:
         scores = result.scores.detach().float().cpu().masked_fill(~model.graph.valid, float("nan")).numpy()
-    record.update(wall_s=dict(cost.wall_s), wall_total_s=float(sum(cost.wall_s.values())),
-                  forward_passes=int(cost.forward_passes), backward_passes=int(cost.backward_passes),
-                  peak_memory_mib=cost.peak_memory_mib, graph=model.graph.to_dict(),
-                  log=list(result.log), info={**dict(result.info), "harness_s": harness,
-                                               "n_train_built": len(train), "n_validation_built": len(validation),
-                                               "data_variant": splits.variant},
-                  finished_at=now_iso())
-    return {"kind": "job", "job": record, "runs": runs, "metrics": metrics, "circuits": files, "scores": scores}
+    info = {**dict(result.info), "harness_s": harness, "n_train_built": len(train),
+            "n_validation_built": len(validation), "data_variant": splits.variant}
+    cost = {"wall_s": dict(cost.wall_s), "wall_total_s": float(sum(cost.wall_s.values())),
+            "forward_passes": int(cost.forward_passes), "backward_passes": int(cost.backward_passes),
+            "peak_memory_mib": cost.peak_memory_mib}
+    return JobResult(job, {**environment, "finished_at": now_iso()}, cost, model.graph.to_dict(), list(result.log),
+                     info, tuple(runs), metrics, files, scores)
 
 
-def _execute_extend(unit: Unit, record: dict) -> dict:
+def _execute_extend(unit: Unit, environment: dict) -> JobResult:
     import torch
 
     from .circuit import Circuit
@@ -217,10 +214,10 @@ def _execute_extend(unit: Unit, record: dict) -> dict:
     circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"}, cut=job.cut)
                 for s in unit.sparsities}
     runs, metrics, files = _run_records(job, circuits, model, task, _test_split(model, task, job), unit.progress)
-    return {"kind": "extend", "job": record, "runs": runs, "metrics": metrics, "circuits": files}
+    return JobResult(job, environment, runs=tuple(runs), metrics=metrics, circuits=files, extends=True)
 
 
-def _execute_reference(unit: Unit) -> dict:
+def _execute_reference(unit: Unit) -> ReferenceResult:
     from .circuit import Circuit
     from .tasks import get_task
 
@@ -232,7 +229,7 @@ def _execute_reference(unit: Unit) -> dict:
                           unit.progress, references=True)
     split = {"full": {k[5:]: v for k, v in values.items() if k.startswith("full/")},
              "empty": {k[6:]: v for k, v in values.items() if k.startswith("empty/")}}
-    return {"kind": "reference", "reference": ref, "values": {"test": split}}
+    return ReferenceResult(ref, {"test": split})
 
 
 @contextmanager
@@ -456,29 +453,27 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     return summary
 
 
-def _record(store: ResultsStore, result: dict, summary: RunSummary, bar) -> None:
+def _record(store: ResultsStore, result, summary: RunSummary, bar) -> None:
     from tqdm.auto import tqdm
 
     summary.executed += 1
-    kind = result["kind"]
-    if kind == "reference":
-        if store.record_references(_ref_dict(result["reference"]), result["values"]):
-            summary.references += 1
+    recorded = store.record(result)
+    if result.kind == "reference":
+        summary.references += int(recorded)
         return
-    job = result["job"]
-    label = f"{job['method']} {job['task']} {job['model']} seed={job['seed']}"
-    if kind == "failed":
-        store.record_failure(job, result["error"])
-        summary.failed_jobs.append(job["job_id"])
-        tqdm.write(f"job {job['job_id']} ({label}) failed: {result['error']}", file=sys.stderr)
+    job = result.spec
+    if result.kind == "failed":
+        summary.failed_jobs.append(job.job_id)
+        tqdm.write(f"job {job.job_id} ({_short_label(job)}) failed: {result.error}", file=sys.stderr)
         return
-    if kind == "extend":
-        store.add_runs(job["job_id"], result["runs"], result["metrics"], result["circuits"])
+    if result.kind == "extend" or recorded:  # added runs count as a job recorded
         summary.recorded_jobs += 1
-        return
-    if store.record_job(job, result["runs"], result["metrics"], result["circuits"], result.get("scores")):
-        summary.recorded_jobs += 1
-    bar.set_postfix_str(f"last: {label}", refresh=False)
+    if result.kind == "job":
+        bar.set_postfix_str(f"last: {_short_label(job)}", refresh=False)
+
+
+def _short_label(job: JobSpec) -> str:
+    return f"{job.method} {job.task} {job.model} seed={job.seed}"
 
 
 def execution_plan(device: str, backend: str, n_jobs: int, cpus: int | None = None):
@@ -503,11 +498,6 @@ def _execution(in_process: bool, workers: int, backend: str) -> str:
     if backend == "local":
         return f"{workers} workers"
     return f"the {backend} cluster's workers"
-
-
-def _ref_dict(ref: Reference) -> dict:
-    return {"ref_id": ref.ref_id, "task": ref.task, "model": ref.model, "dtype": ref.dtype, "device": ref.device,
-            "data_seed": ref.data_seed, "eval_limit": ref.eval_limit, "n_validation": ref.n_validation}
 
 
 def _print_budgets(plan: Plan, out) -> None:
