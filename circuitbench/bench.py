@@ -30,8 +30,52 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
+
+# ---- the registry of benchmarks (``circuitbench bench NAME``) -----------------------------------------
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark ``circuitbench bench`` runs: ``target`` is "module:function", called as
+    ``function(model, batch, seq, threads, repeats, memory=, progress=, device=, dtype=, checkpoint=)``
+    (plus ``task=, n_train=, tau=, save=`` when ``search``: it searches a real task's training split)."""
+
+    name: str
+    target: str
+    default_model: str = "random:gpt2-small"
+    search: bool = False
+
+
+_BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register_benchmark(bench: Benchmark) -> Benchmark:
+    """Make ``bench`` available to ``circuitbench bench``. The engine's own is registered here; a method
+    package registers its micro-benchmarks when it is imported (the built-in ones: `methods.benchmarks`)."""
+    other = _BENCHMARKS.get(bench.name)
+    if other is not None and other != bench:
+        raise ValueError(f"benchmark {bench.name!r} registered twice ({other.target}, {bench.target})")
+    _BENCHMARKS[bench.name] = bench
+    return bench
+
+
+def list_benchmarks() -> dict[str, Benchmark]:
+    """Every registered benchmark by name, the registered methods' packages loaded first."""
+    from .method import list_methods
+
+    list_methods()
+    return dict(sorted(_BENCHMARKS.items()))
+
+
+def get_benchmark(name: str) -> Benchmark:
+    known = list_benchmarks()
+    if name not in known:
+        raise UserError(f"unknown benchmark {name!r}; choose one of {', '.join(known)}")
+    return known[name]
+
 
 MODES = ("plain", "plain_frozen", "masked", "masked_with_corrupted", "eval_plain", "eval_masked", "eval_sparse")
 
@@ -47,7 +91,7 @@ def sparse_circuit(graph, seed=0, node_share=0.25, edge_share=0.02) -> torch.Ten
     return ((torch.rand(graph.n_writers, graph.n_readers, generator=gen) < p) & allowed).float()
 
 
-def _setup(spec, batch, seq, seed=0, device="cpu", dtype=None, checkpoint=False):
+def setup(spec, batch, seq, seed=0, device="cpu", dtype=None, checkpoint=False):
     """(model, engine, clean ids, corrupted ids): the ids are seeded random tokens on the device."""
     from .engine import MaskedModel
     from .models import load_model
@@ -60,7 +104,7 @@ def _setup(spec, batch, seq, seed=0, device="cpu", dtype=None, checkpoint=False)
     return model, MaskedModel(model, checkpoint=checkpoint), clean, corrupted
 
 
-def _step_fn(mode, model, mm, clean, corrupted):
+def step_fn(mode, model, mm, clean, corrupted):
     """A zero-argument callable doing one step of ``mode``."""
     g = model.graph
     hf = model.hf_model
@@ -133,10 +177,10 @@ def time_modes(spec="random:gpt2-small", batch=32, seq=20, threads=2, repeats=5,
                progress=True, device="cpu", dtype=None, checkpoint=False) -> dict:
     """Median seconds per step of each mode, all measured in this process on the same batch."""
     torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq, device=device, dtype=dtype, checkpoint=checkpoint)
+    model, mm, clean, corrupted = setup(spec, batch, seq, device=device, dtype=dtype, checkpoint=checkpoint)
     times = {}
     for mode in modes:
-        times[mode] = median_seconds(_step_fn(mode, model, mm, clean, corrupted), repeats, model.device)
+        times[mode] = median_seconds(step_fn(mode, model, mm, clean, corrupted), repeats, model.device)
         if progress:
             print(f"  {mode:<24} {times[mode] * 1e3:9.1f} ms/step (median of {repeats})", file=sys.stderr)
     return times
@@ -190,22 +234,22 @@ def peak_mib_in_fresh_process(threads: int, make_step: str, device=None) -> floa
 
 
 def setup_source(spec, batch, seq, device="cpu", dtype=None, checkpoint=False) -> str:
-    """Python source that runs `_setup` with these arguments into ``m, mm, c, x``."""
-    return (f"from circuitbench.bench import _setup;m,mm,c,x=_setup({spec!r},{batch},{seq},device={str(device)!r},"
+    """Python source that runs `setup` with these arguments into ``m, mm, c, x``."""
+    return (f"from circuitbench.bench import setup;m,mm,c,x=setup({spec!r},{batch},{seq},device={str(device)!r},"
             f"dtype={None if dtype is None else str(dtype)!r},checkpoint={bool(checkpoint)!r})")
 
 
-def _peak_rss_mib(spec, batch, seq, threads, mode, device="cpu", dtype=None, checkpoint=False) -> float:
+def peak_rss_mib(spec, batch, seq, threads, mode, device="cpu", dtype=None, checkpoint=False) -> float:
     """Peak memory of one step of ``mode`` (MiB)."""
     return peak_mib_in_fresh_process(threads, setup_source(spec, batch, seq, device, dtype, checkpoint) +
-                                     f";from circuitbench.bench import _step_fn;s=_step_fn({mode!r},m,mm,c,x)",
+                                     f";from circuitbench.bench import step_fn;s=step_fn({mode!r},m,mm,c,x)",
                                      device)
 
 
 def hardware(device, dtype, checkpoint) -> dict:
     """The fields every benchmark result records about where it ran."""
     from .models import resolve_device, resolve_dtype
-    from .runner import device_name
+    from .workbench import device_name
 
     dev = str(resolve_device(device))
     return {"device": dev, "device_name": device_name(dev),
@@ -231,7 +275,7 @@ def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repe
     }
     if memory:
         for mode in ("plain", "masked"):
-            result[f"{mode}_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, mode, info["device"], dtype,
+            result[f"{mode}_peak_mib"] = peak_rss_mib(spec, batch, seq, threads, mode, info["device"], dtype,
                                                        checkpoint)
             if progress:
                 print(f"  {mode:<24} {result[f'{mode}_peak_mib']:9.1f} MiB peak above the loaded model",
@@ -242,3 +286,6 @@ def engine_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, repe
 
 if __name__ == "__main__":
     print(json.dumps(engine_benchmark()))
+
+
+register_benchmark(Benchmark("engine", "circuitbench.bench:engine_benchmark"))

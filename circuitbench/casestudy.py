@@ -125,7 +125,7 @@ def run_casestudy(model: str, preset: str = "quick", results: str = "results", s
 
 
 def _print_memory(model, dtype, checkpoint, out):
-    from .distributed import memory_lines
+    from .costs import memory_lines
 
     # the plan above already printed the estimate for one device at this dtype without checkpointing
     for n in ((1, 32) if checkpoint else (32,)):
@@ -134,7 +134,7 @@ def _print_memory(model, dtype, checkpoint, out):
 
 
 def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> dict:
-    from .runner import _graph_dict, _model_and_engine, device_name, library_versions
+    from .workbench import device_name, library_versions, model_and_engine
     from .store import ResultsStore, now_iso, run_id_for
     from .sweep import HASH_VERSION, config_hash
     from .tasks import get_task
@@ -146,7 +146,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
     limit, data_seed = ip_job.eval_limit, ip_job.data_seed
     store = ResultsStore(results)
     try:
-        model, _ = _model_and_engine(ip_job.model, device, dtype)
+        model, _ = model_and_engine(ip_job.model, device, dtype)
         tasks = {IP_TASK: get_task(IP_TASK), FS_TASK: get_task(FS_TASK)}
         circuits = {IP_TASK: store.circuit(ip_run), FS_TASK: store.circuit(fs_run)}
         have = store.metrics(split=[f"test@{FS_TASK}", f"test@{IP_TASK}"])
@@ -158,9 +158,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
             from .evaluate import evaluate
 
             if task_name not in tests:  # the test split the runner evaluates on (built as the job's data), once
-                job = by_task[task_name]
-                sizes = {"validation": job.n_validation} if job.n_validation is not None else None
-                splits = tasks[task_name].build(model.tokenizer, seed=data_seed, n_train=job.n_train, sizes=sizes)
+                splits = by_task[task_name].data.build(tasks[task_name], model.tokenizer)
                 tests[task_name] = splits.split("test") if limit is None else splits.head("test", limit)
             values = evaluate(model, tasks[task_name], circuit, batch_size=eval_batch_size,
                               examples=tests[task_name], progress=progress)
@@ -206,7 +204,7 @@ def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> di
                    "wall_total_s": eval_s, "forward_passes": 0, "backward_passes": 0, "peak_memory_mib": None,
                    "device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
                    "host": __import__("socket").gethostname(), "versions": library_versions(),
-                   "graph": _graph_dict(graph), "log": [], "info": info, "started_at": now_iso(),
+                   "graph": graph.to_dict(), "log": [], "info": info, "started_at": now_iso(),
                    "finished_at": now_iso()}
             run = {"run_id": inter_run, "job_id": inter_job, "target_sparsity": LABEL_SPARSITY,
                    "sparsity": float(inter.sparsity), "n_edges": overlap, "n_effective": inter.n_effective,

@@ -29,6 +29,7 @@ from .errors import UserError
 from .graph import Graph
 
 FORMATS = ("circuitbench", "eap", "edge-pruning")
+CIRCUIT_SHAPE = ("layers", "heads", "kv_heads", "parallel")  # what a circuit file keeps of `Graph.to_dict`
 # How a ranking becomes a circuit of a given size: the top edges, or the top edges until that many are
 # effective (on an input -> logits path), the default of comparisons.
 CUTS = ("effective", "edges")
@@ -192,9 +193,7 @@ class Circuit:
     # ---- native JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         g = self.graph
-        shape = {"layers": g.n_layers, "heads": g.n_heads, "kv_heads": g.kv_heads}
-        if g.parallel:  # only then: files of sequential models keep their bytes
-            shape["parallel"] = True
+        shape = {k: v for k, v in g.to_dict().items() if k in CIRCUIT_SHAPE}
         d = {"format": "circuitbench", "version": 1, "graph": shape,
              "n_edges": self.n_edges, "n_effective": self.n_effective, "sparsity": self.sparsity,
              "edges": self.edge_names,
@@ -242,8 +241,7 @@ class Circuit:
             raise ValueError("expected a JSON object or list")
         if data.get("format") == "circuitbench":
             gd = data.get("graph", {})
-            want = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
-                    "parallel": graph.parallel}
+            want = {k: graph.to_dict().get(k, False) for k in CIRCUIT_SHAPE}
             if {k: gd.get(k, False if k == "parallel" else None) for k in want} != want:
                 raise ValueError(f"circuit is for a graph {gd}, the model's graph is {want}")
             return cls.from_names(graph, data["edges"], data.get("scores"), data.get("meta"))

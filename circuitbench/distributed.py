@@ -1,5 +1,5 @@
 """Edge Pruning across processes and devices: data-parallel mask training, FSDP-sharded frozen
-models, bf16 and gradient checkpointing, and a per-device memory estimate.
+models, bf16 and gradient checkpointing (the memory estimate per device: `circuitbench.costs`).
 
 Data parallelism. Every process (rank) holds the same log alphas and Lagrange multipliers. Each
 step, every rank takes the same global batch of the seeded partition (the one a single process
@@ -44,12 +44,8 @@ Launching (``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous)::
 Every rank runs each job (discovery and evaluation, so FSDP's collectives line up); rank 0 writes
 the results store, whose records are those of `circuitbench run` (same job ids: a job finished
 here is complete for `circuitbench run` and `circuitbench casestudy` too). ``--dry-run`` prints
-the plan and `estimate_memory` per device without loading anything.
-
-Memory. `estimate_memory(config, n_devices, batch, seq, dtype, checkpoint)` estimates the peak
-bytes per device from a transformers config alone (weights / shards, the writer stack and its
-gradient, the corrupted cache, per-layer activations with or without checkpointing, the masks and
-their Adam state); `codellama_13b_config()` builds CodeLlama-13B's config without the hub.
+the plan and the memory estimate per device (`circuitbench.costs.estimate_memory`) without
+loading anything.
 """
 from __future__ import annotations
 
@@ -263,171 +259,6 @@ def shard_model(model, device: str):
     return model
 
 
-# ---- memory estimate -----------------------------------------------------------------------------------
-def codellama_13b_config():
-    """CodeLlama-13B(-Instruct)'s transformers config, from its published shape (no hub access; the
-    shape of ``random:codellama-13b``)."""
-    from .models import random_config
-
-    return random_config("codellama-13b")
-
-
-KNOWN_CONFIGS = {"codellama/CodeLlama-13b-Instruct-hf": codellama_13b_config,
-                 "codellama/CodeLlama-13b-hf": codellama_13b_config}
-
-
-def config_for_spec(spec: str):
-    """A model spec's transformers config without loading weights, or None when it is unknown
-    offline (a hub id not in the cache)."""
-    from . import models
-
-    if spec in KNOWN_CONFIGS:
-        return KNOWN_CONFIGS[spec]()
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        return models.random_config(name) if name in models.RANDOM_SHAPES else None
-    if spec == "smollm2-135m":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-                           intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-    if spec.startswith("tracr:"):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(os.path.expanduser(spec), local_files_only=True)
-    except Exception:
-        return None
-
-
-def _shape(config) -> dict:
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
-    L = get("num_hidden_layers", "n_layer")
-    H = get("num_attention_heads", "n_head")
-    d = get("hidden_size", "n_embd")
-    G = get("num_key_value_heads") or H
-    ffn = get("intermediate_size", "n_inner") or 4 * d
-    V = get("vocab_size")
-    dh = get("head_dim") or d // H
-    tied = bool(getattr(config, "tie_word_embeddings", True))
-    if None in (L, H, d, V):
-        raise UserError("the config lacks layers / heads / hidden size / vocabulary size")
-    return dict(L=L, H=H, G=G, d=d, ffn=ffn, V=V, dh=dh, tied=tied,
-                llama=getattr(config, "model_type", "") in ("llama", "mistral", "codellama"))
-
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
-def estimate_memory(config, n_devices: int = 1, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",
-                    checkpoint: bool = True) -> dict:
-    """Peak memory per device (bytes) of Edge Pruning's training step, from a transformers config.
-
-    ``n_devices``: ranks the frozen weights are sharded over (FSDP; 1 = unsharded). ``batch``:
-    examples each device runs per step (its shard of the global batch); ``seq``: tokens per example.
-    Returns a dict of components and ``total`` (bytes), plus ``edges`` and ``mask_entries``:
-
-    * ``weights``: all parameters / n_devices, plus the two largest FSDP units gathered at once
-      (the one running and the one prefetched) when sharded;
-    * ``writer_stack``: the stack D [W, B*S*d] (model dtype) and ``writer_stack_grad`` its gradient;
-    * ``corrupted_cache``: the corrupted writers and residuals of the batch [W + 2L + 1, B*S*d];
-    * ``activations``: what autograd keeps of the masked pass: every layer's (per-reader inputs,
-      their norms, q/k/v, attention outputs, MLP intermediates), or with ``checkpoint`` each layer's
-      input plus one layer's worth being recomputed;
-    * ``masks``: log alphas of every [W, R] entry and per writer (float32), their gradients, Adam's two
-      moments, the sampled masks, and the all-reduce buffer;
-    * ``logits``: the scored position's logits (float32, full model and circuit).
-    """
-    from .graph import Graph
-
-    if n_devices < 1 or batch < 1 or seq < 1:
-        raise UserError("n_devices, batch and seq must be at least 1")
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    s = _shape(config)
-    L, H, G, d, ffn, V, dh = s["L"], s["H"], s["G"], s["d"], s["ffn"], s["V"], s["dh"]
-    e = DTYPE_BYTES[dtype]
-    graph = Graph(L, H, G)
-    W, R = graph.n_writers, graph.n_readers
-    attn_params = d * H * dh * 2 + 2 * d * G * dh + d
-    mlp_params = (3 if s["llama"] else 2) * d * ffn + d
-    embed_params = V * d
-    head_params = (0 if s["tied"] else V * d) + d
-    n_params = L * (attn_params + mlp_params) + embed_params + head_params
-    weights = n_params * e / n_devices
-    if n_devices > 1:  # the running unit and the prefetched one are whole while in use
-        weights += 2 * max(attn_params, mlp_params, embed_params, head_params) * e
-    tokens = batch * seq
-    N = tokens * d  # one writer's row of the stack
-    stack = W * N * e
-    corrupted = (W + 2 * L + 1) * N * e
-    n_attn = H + 2 * G
-    # per layer, kept for backward: per-reader inputs, their float32 norm intermediates and normed
-    # copies, q/k/v before and after rotary, the attention output (+ its logsumexp), and the MLP's
-    # input, norm, gate, up and activation
-    per_layer = (n_attn * N * (e + 4 + e) + 2 * n_attn * tokens * dh * e + H * tokens * (dh * e + 4)
-                 + N * (e + 4 + e) + 3 * tokens * ffn * e)
-    activations = (L * N * e + per_layer) if checkpoint else L * per_layer
-    entries = W * R + W
-    masks = entries * 4 * 7  # log alpha, grad, 2 Adam moments, sample, effective mask, all-reduce buffer
-    logits = 2 * batch * V * 4
-    out = {"weights": weights, "writer_stack": stack, "writer_stack_grad": stack, "corrupted_cache": corrupted,
-           "activations": activations, "masks": masks, "logits": logits}
-    out["total"] = sum(out.values())
-    out.update(edges=graph.n_edges, mask_entries=entries, parameters=n_params)
-    return out
-
-
-def acdc_seconds(config, n_examples: int, seq: int, flops_per_s: float) -> dict:
-    """How long ACDC's greedy search takes: one trial (a masked forward pass over the training
-    examples, restarted at the reader's layer: half the layers on average) per edge."""
-    from .graph import Graph
-
-    s = _shape(config)
-    graph = Graph(s["L"], s["H"], s["G"])
-    n_params = s["L"] * (2 * s["d"] * s["H"] * s["dh"] + 2 * s["d"] * s["G"] * s["dh"] + 3 * s["d"] * s["ffn"])
-    trial_s = 0.5 * 2 * n_params * n_examples * seq / flops_per_s
-    return {"trials": graph.n_edges, "seconds_per_trial": trial_s, "total_s": graph.n_edges * trial_s}
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_estimate(spec: str, config, n_devices: int, batch: int, seq: int, dtype: str, checkpoint: bool,
-                    acdc_examples: int = 100, flops_per_s: float = 1e14) -> str:
-    """The dry-run lines: memory per device for Edge Pruning and ACDC's expected run time."""
-    est = estimate_memory(config, n_devices, batch, seq, dtype, checkpoint)
-    parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(est[k])}" for k in
-                      ("weights", "writer_stack", "writer_stack_grad", "corrupted_cache", "activations", "masks"))
-    other = estimate_memory(config, n_devices, batch, seq, dtype, not checkpoint)["total"]
-    acdc = acdc_seconds(config, acdc_examples, seq, flops_per_s)
-    return (f"memory per device, {spec}: ~{format_bytes(est['total'])} for Edge Pruning "
-            f"({est['parameters'] / 1e9:.2f}B parameters, {est['edges']:,} edges; {n_devices} device(s), "
-            f"batch {batch} x {seq} tokens per device, {dtype}, gradient checkpointing "
-            f"{'on' if checkpoint else 'off'}; {format_bytes(other)} with it {'off' if checkpoint else 'on'}): "
-            f"{parts}\n"
-            f"ACDC on {spec}: ~{acdc['trials']:,} trials (one per edge) x {acdc['seconds_per_trial']:.3g} s per "
-            f"trial ({acdc_examples} examples x {seq} tokens at {flops_per_s / 1e12:g} TFLOP/s) = "
-            f"{acdc['total_s'] / 86400:.3g} days per threshold")
-
-
-def memory_lines(models, dtype: str, checkpoint: bool = False, n_devices: int = 1, batch: int = 1,
-                 seq: int = 128) -> list[str]:
-    """`format_estimate` lines for the Llama-family models among ``models`` whose config is known
-    offline (what ``circuitbench run --dry-run`` prints)."""
-    lines = []
-    for spec in models:
-        config = config_for_spec(spec)
-        if config is not None and getattr(config, "model_type", "") in ("llama", "mistral"):
-            lines.append(format_estimate(spec, config, n_devices, batch, seq, dtype, checkpoint))
-    return lines
-
-
 # ---- running jobs --------------------------------------------------------------------------------------
 def load_for_rank(spec: str, device: str, dtype: str, fsdp: bool, checkpoint: bool):
     """(LoadedModel, MaskedModel) for this rank: the whole model, or FSDP-sharded with ``fsdp``."""
@@ -450,6 +281,7 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
     import torch.distributed as dist
 
     from . import runner
+    from .workbench import preload
     from .method import get_method
     from .store import ResultsStore, check_writable
 
@@ -478,27 +310,25 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
         if job.model not in loaded:
             loaded.clear()  # one model in memory at a time
             loaded[job.model] = load_for_rank(job.model, device, dtype, fsdp, checkpoint)
-            runner.preload(job.model, device, dtype, *loaded[job.model])
+            preload(job.model, device, dtype, *loaded[job.model])
         cls = get_method(job.method)
         cls.data_parallel = dp  # this process is one rank of the group for every job it runs
         unit = runner.Unit("job", job=job, device=device, dtype=dtype, progress=progress and dp.rank == 0)
         result = runner.execute(unit)
-        if result["kind"] == "failed":
+        if result.kind == "failed":
             failed += 1
+        else:
+            result.info["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp, "checkpoint": checkpoint}
         if dp.rank == 0:
             store = ResultsStore(results)
             try:
-                if result["kind"] == "failed":
-                    store.record_failure(result["job"], result["error"])
-                    print(f"job {job.job_id} ({job.label}) failed: {result['error']}", file=sys.stderr)
-                else:
-                    result["job"]["info"]["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp,
-                                                              "checkpoint": checkpoint}
-                    store.record_job(result["job"], result["runs"], result["metrics"], result["circuits"],
-                                     result.get("scores"))
-                    print(f"recorded {job.label}", file=out, flush=True)
+                store.record(result)
             finally:
                 store.close()
+            if result.kind == "failed":
+                print(f"job {job.job_id} ({job.label}) failed: {result.error}", file=sys.stderr)
+            else:
+                print(f"recorded {job.label}", file=out, flush=True)
     return failed
 
 
@@ -546,10 +376,11 @@ def train_edge_pruning(spec: str, task_name: str, sparsity: float, n_train: int,
     process group (`load_for_rank`)."""
     from .method import get_method
     from .tasks import get_task
+    from .tasks.base import DataSpec
 
     model, engine = load_for_rank(spec, device, dtype, fsdp, checkpoint=False)
     task = get_task(task_name)
-    train = task.build(model.tokenizer, seed=data_seed, n_train=n_train).train.to(model.device)
+    train = DataSpec(data_seed, n_train).build(task, model.tokenizer).train.to(model.device)
     cls = get_method("ep")
     method = cls(preset=preset, **(overrides or {}))
     method.data_parallel = dp
@@ -610,12 +441,15 @@ def _sweep_from_args(args, device: str):
 
 
 def main(argv=None) -> int:
+    from .costs import format_estimate
+    from .models import ModelSpec
+
     args = _parser().parse_args(argv)
     failed = 0
     try:
         if args.dry_run:
             _sweep_from_args(args, "cpu")  # validates the arguments
-            config = config_for_spec(args.model)
+            config = ModelSpec.parse(args.model).config()
             if config is None:
                 raise UserError(f"no config for {args.model!r} without loading it (not cached offline)")
             dtype = args.dtype or "bfloat16"

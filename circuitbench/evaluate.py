@@ -50,17 +50,18 @@ def _resolve(model, task, circuit):
 
 def evaluate(model, task, circuit, split: str = "test", batch_size: int = 32, limit: int | None = None,
              seed: int = 0, progress: bool = True, references: bool = False,
-             examples=None) -> dict[str, float]:
+             examples=None, n_train: int | None = None, n_validation: int | None = None) -> dict[str, float]:
     """Mean of every metric of ``task`` for ``circuit`` over a split.
 
     ``model``: a `LoadedModel` (or a model spec); ``task``: a `Task` (or a task name); ``circuit``:
     a `Circuit`, ``"full"``, ``"empty"`` or a circuit file. ``split``: train, validation or test,
-    built with ``seed``; ``limit``: only its first ``limit`` examples; ``examples``: score these
+    built with ``seed`` and the split sizes ``n_train``, ``n_validation`` (None: the task's own; a
+    job's test split depends on its sizes: `circuitbench.tasks.base.DataSpec`); ``limit``: only its first ``limit`` examples; ``examples``: score these
     `Examples` instead of building a split. Returns ``{metric: mean}`` plus ``n_examples``, and with
     ``references=True`` also ``full/<metric>`` and ``empty/<metric>``.
     """
     out = evaluate_many(model, task, {"circuit": circuit}, split, batch_size, limit, seed, progress, references,
-                        examples)["circuit"]
+                        examples, n_train=n_train, n_validation=n_validation)["circuit"]
     out.pop("eval_s")
     return out
 
@@ -68,7 +69,8 @@ def evaluate(model, task, circuit, split: str = "test", batch_size: int = 32, li
 @torch.no_grad()
 def evaluate_many(model, task, circuits: dict, split: str = "test", batch_size: int = 32, limit: int | None = None,
                   seed: int = 0, progress: bool = True, references: bool = False,
-                  examples=None) -> dict[object, dict[str, float]]:
+                  examples=None, n_train: int | None = None,
+                  n_validation: int | None = None) -> dict[object, dict[str, float]]:
     """`evaluate` for several circuits on the same examples: each batch's full-model reference and
     corrupted cache are computed once and shared by every circuit's masked pass, so k circuits cost
     2 + k passes per batch instead of 3k; each circuit's values are those `evaluate` gives it alone.
@@ -78,6 +80,7 @@ def evaluate_many(model, task, circuits: dict, split: str = "test", batch_size: 
     equal share of the shared ones.
     """
     from .engine import MaskedModel
+    from .tasks.base import DataSpec
 
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -91,7 +94,7 @@ def evaluate_many(model, task, circuits: dict, split: str = "test", batch_size: 
     if examples is None:
         if split not in ("train", "validation", "test"):
             raise UserError(f"unknown split {split!r}: choose train, validation or test")
-        splits = task.build(model.tokenizer, seed=seed)
+        splits = DataSpec(seed, n_train, n_validation).build(task, model.tokenizer)
         examples = splits.split(split) if limit is None else splits.head(split, limit)
     elif limit is not None:
         examples = examples.select(slice(0, limit))

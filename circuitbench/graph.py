@@ -39,6 +39,23 @@ class Graph:
         if self.n_layers < 1 or self.n_heads < 1 or self.n_heads % kv:
             raise ValueError(f"bad graph shape: layers={self.n_layers} heads={self.n_heads} kv={kv}")
 
+    # ---- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The shape as JSON, as job records store it: layers, heads, kv_heads, n_kv_heads, has_mlp and
+        the edge count; ``"parallel": true`` only for parallel blocks (records of sequential models
+        keep their bytes). A circuit file stores the first three (and ``parallel``)."""
+        out = {"layers": self.n_layers, "heads": self.n_heads, "kv_heads": self.kv_heads,
+               "n_kv_heads": self.n_kv_heads, "has_mlp": self.has_mlp, "edges": self.n_edges}
+        if self.parallel:
+            out["parallel"] = True
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Graph":
+        """The graph `to_dict` (or a circuit file's shorter shape) describes."""
+        return cls(data["layers"], data["heads"], data.get("n_kv_heads", data.get("kv_heads")),
+                   data.get("has_mlp", True), data.get("parallel", False))
+
     # ---- shape -------------------------------------------------------------------------------
     @property
     def kv_heads(self) -> int:

@@ -13,7 +13,9 @@ imports a method module by name. ``@register_method`` registers a class directly
 
 Hyperparameters resolve in this order: the Config defaults, the preset, the preset's per-task
 entries (a ``per_task`` field of the Config, ``{task name: {field: value}}``, e.g. the Edge Pruning
-paper's node target per task), and last the caller's explicit overrides.
+paper's node target per task), and last the caller's explicit overrides, each checked against
+the Config field's type (`check_overrides`). `CircuitMethod.resolve_config` does this for a class,
+without instantiating the method: the sweep resolves every job's hyperparameters that way.
 
 A method may build on other methods' scores (an ensemble): `CircuitMethod.score_inputs` names the
 (method, hyperparameters) whose scores it can use, and the runner hands it the ones its results
@@ -25,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import types
+import typing
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,29 +94,46 @@ class CircuitMethod(ABC):
     produces: ClassVar[str]  # "scores" or "circuits"
 
     def __init__(self, config=None, preset: str | None = None, **overrides):
-        fields = {f.name for f in dataclasses.fields(self.Config)}
         if config is not None and not isinstance(config, self.Config):
             raise TypeError(f"config must be a {self.Config.__name__}, got {type(config).__name__}")
-        if preset is not None and preset not in self.presets:
-            raise UserError(f"method {self.name!r} has no preset {preset!r}; presets: {', '.join(self.presets)}")
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise UserError(f"unknown {self.name} hyperparameter(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(fields))}")
-        base = config if config is not None else self.Config()
-        values = dict(self.presets[preset]) if preset is not None else {}
-        values.update(overrides)
         self.preset = preset
         self.overrides = dict(overrides)
-        self.config = dataclasses.replace(base, **values)
+        self.config = self._layered(config, preset, overrides)
         self.stored: dict[str, StoredScores] = {}  # filled by the runner, see `score_inputs`
 
     def config_for(self, task) -> object:
         """The Config with the ``per_task`` entries for ``task`` applied (explicit overrides win)."""
-        per_task = getattr(self.config, "per_task", None) or {}
-        entry = {k: v for k, v in per_task.get(getattr(task, "name", None), {}).items() if k not in self.overrides}
-        config = dataclasses.replace(self.config, **entry) if entry else self.config
-        self.check_config(config)
+        return self._for_task(self.config, self.preset, self.overrides, getattr(task, "name", None))
+
+    @classmethod
+    def resolve_config(cls, preset: str | None = None, overrides: dict | None = None, task: str | None = None):
+        """The Config this method runs with on the task named ``task``: defaults, ``preset``, the
+        preset's per-task entries, ``overrides`` (checked: known names, values of the field's type),
+        then `check_config` and `complete_config`. No method is instantiated."""
+        overrides = dict(overrides or {})
+        return cls._for_task(cls._layered(None, preset, overrides), preset, overrides, task)
+
+    @classmethod
+    def _layered(cls, base, preset: str | None, overrides: dict):
+        if preset is not None and preset not in cls.presets:
+            raise UserError(f"method {cls.name!r} has no preset {preset!r}; presets: {', '.join(cls.presets)}")
+        check_overrides(cls, overrides)
+        values = dict(cls.presets[preset]) if preset is not None else {}
+        values.update(overrides)
+        return dataclasses.replace(base if base is not None else cls.Config(), **values)
+
+    @classmethod
+    def _for_task(cls, config, preset: str | None, overrides: dict, task: str | None):
+        per_task = getattr(config, "per_task", None) or {}
+        entry = {k: v for k, v in per_task.get(task, {}).items() if k not in overrides}
+        config = dataclasses.replace(config, **entry) if entry else config
+        cls.check_config(config)
+        return cls.complete_config(config, preset, task)
+
+    @classmethod
+    def complete_config(cls, config, preset: str | None, task: str | None):
+        """The resolved Config with anything derived from it filled in (an ensemble resolves its
+        members' configurations here); the default returns ``config``."""
         return config
 
     @classmethod
@@ -153,6 +174,43 @@ class CircuitMethod(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} preset={self.preset!r}>"
+
+
+# ---- hyperparameter overrides -------------------------------------------------------------------------
+def _accepts(kind, value) -> bool:
+    """Whether ``value`` (a TOML/JSON literal) fits the annotation ``kind`` of a Config field."""
+    if kind is object or kind is typing.Any:
+        return True
+    if kind is type(None):
+        return value is None
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    kind = origin or kind
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def _kind_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+def check_overrides(method_cls, overrides: dict) -> None:
+    """Raise `UserError` for an override that names no field of ``method_cls.Config`` or whose value
+    is not of the field's type (``--set ep.steps=abc``); runs when a sweep is planned."""
+    kinds = typing.get_type_hints(method_cls.Config)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(method_cls.Config)})
+    if unknown:
+        raise UserError(f"unknown {method_cls.name} hyperparameter(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(kinds))}")
+    for name, value in overrides.items():
+        if not _accepts(kinds[name], value):
+            raise UserError(f"{method_cls.name}.{name}: expected {_kind_name(kinds[name])}, got {value!r}")
 
 
 # ---- the registry -------------------------------------------------------------------------------------
@@ -310,5 +368,5 @@ def seeded_generator(seed: int, device=None) -> torch.Generator:
     return gen
 
 
-__all__ = ["ENTRY_POINT_GROUP", "CircuitMethod", "Cost", "CostMeter", "MethodResult", "StoredScores", "circuits_at",
+__all__ = ["ENTRY_POINT_GROUP", "CircuitMethod", "check_overrides", "Cost", "CostMeter", "MethodResult", "StoredScores", "circuits_at",
            "get_method", "list_methods", "register_method", "seeded_generator"]

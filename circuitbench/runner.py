@@ -1,4 +1,4 @@
-"""The runner: executes a sweep's jobs and records them in the results store.
+"""The runner: one run loop, plan -> execute -> record, for a sweep's jobs.
 
 `run_sweep` plans the jobs (`circuitbench.sweep`), validates everything a user can get wrong
 before any work starts, skips what the store already holds, and executes the rest:
@@ -11,8 +11,9 @@ before any work starts, skips what the store already holds, and executes the res
   those members itself), so run the members first to reuse them. A *reference* unit evaluates the
   full model and the empty circuit once per task/model/test split. An *extend* unit adds
   sparsities to a complete score-based job by cutting its stored scores (no rediscovery).
-- **Recording.** Units return their results to this process, which writes them (circuit files,
-  then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
+- **Recording.** A unit runs without touching the store (`execute`) and returns a typed result
+  (`circuitbench.result.JobResult` or `ReferenceResult`) to this process, which writes it with
+  `ResultsStore.record` (circuit files, then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
 - **Execution** goes through joblib: in this process by default (joblib's sequential backend),
@@ -22,14 +23,13 @@ before any work starts, skips what the store already holds, and executes the res
 - **Progress**: a bar over units with time left; in this process the methods show their own bar
   (steps, trials, batches) within the job.
 
-`estimate_plan` gives the time estimate printed by ``--dry-run``.
+`circuitbench.costs.estimate_plan` gives the time estimate printed by ``--dry-run``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import platform
 import socket
 import sys
 import time
@@ -40,8 +40,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError, UnsupportedModel
+from .costs import ASSUMED_FLOPS, PROBE_MAX_PARAMS, estimate_plan, format_seconds, memory_lines
 from .store import ResultsStore, check_writable, now_iso, run_id_for
-from .sweep import Job, Reference, Sweep
+from .sweep import JobSpec, Reference, Sweep
+from .result import JobResult, ReferenceResult
+from .workbench import device_name, library_versions, model_and_engine
 
 BACKENDS = ("local", "dask", "ray")
 
@@ -52,7 +55,7 @@ class Unit:
     """One piece of work for a worker: ``kind`` is "job", "extend" or "reference"."""
 
     kind: str
-    job: Job | None = None
+    job: JobSpec | None = None
     reference: Reference | None = None
     sparsities: tuple[float, ...] = ()  # "extend": the sparsities still missing
     scores: np.ndarray | None = None  # "extend": the stored scores to cut
@@ -86,70 +89,10 @@ class RunSummary:
     dry_run: bool = False
 
 
-# ---- per-process caches (a worker keeps one model and its engine between units) --------------------
-_LOADED: dict = {}
-
-
-def _model_and_engine(spec: str, device: str, dtype: str):
-    from .engine import MaskedModel
-    from .models import load_model
-
-    key = (spec, device, dtype)
-    if key not in _LOADED:
-        _LOADED.clear()  # one model in memory at a time
-        model = load_model(spec, device=device, dtype=dtype)
-        _LOADED[key] = (model, MaskedModel(model))
-    return _LOADED[key]
-
-
-def preload(spec: str, device: str, dtype: str, model, engine) -> None:
-    """Run this process's jobs on (spec, device, dtype) with ``model`` and ``engine`` (a model built
-    elsewhere, e.g. sharded over GPUs by `circuitbench.distributed`) instead of loading it."""
-    _LOADED.clear()
-    _LOADED[(spec, device, dtype)] = (model, engine)
-
-
-def library_versions() -> dict:
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"python": platform.python_version(), "circuitbench": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
-
-
-def _graph_dict(graph) -> dict:
-    shape = {"layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.kv_heads,
-             "n_kv_heads": graph.n_kv_heads, "has_mlp": graph.has_mlp, "edges": graph.n_edges}
-    if graph.parallel:  # only then, so records of sequential models stay as they were
-        shape["parallel"] = True
-    return shape
-
-
 def _test_split(model, task, item):
-    """The test split built exactly as the job's data (same seed and split sizes), so it never
-    overlaps the examples a method trained on."""
-    sizes = {"validation": item.n_validation} if item.n_validation is not None else None
-    return task.build(model.tokenizer, seed=item.data_seed, n_train=getattr(item, "n_train", None),
-                      sizes=sizes).test
+    """The test split of ``item``'s data (a job's or a reference's), never overlapping the
+    examples a method trained on."""
+    return item.data.build(task, model.tokenizer).test
 
 
 def _evaluate(model, task, circuit, item, test, progress, references=False):
@@ -164,7 +107,7 @@ def _evaluate(model, task, circuit, item, test, progress, references=False):
     return {k: float(v) for k, v in values.items()}, n
 
 
-def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
+def _run_records(job: JobSpec, circuits: dict, model, task, test, progress: bool):
     """Evaluate the circuits on ``test`` (sharing each batch's reference and corrupted passes);
     returns (runs, metrics, circuit dicts)."""
     from .evaluate import evaluate_many
@@ -195,37 +138,33 @@ def _run_records(job: Job, circuits: dict, model, task, test, progress: bool):
     return runs, metrics, files
 
 
-def execute(unit: Unit) -> dict:
-    """Run one unit (in whichever process joblib chose) and return what the parent records."""
+def execute(unit: Unit):
+    """Run one unit (in whichever process joblib chose) without touching the store; returns its
+    `JobResult` or `ReferenceResult` for the parent to record."""
     import torch
 
     if unit.threads:
         torch.set_num_threads(unit.threads)
     if unit.kind == "reference":
         return _execute_reference(unit)
-    job = unit.job
-    record = {"job_id": job.job_id, "config": job.config, "method": job.method,
-              "method_preset": job.method_preset, "method_config": job.method_config, "task": job.task,
-              "model": job.model, "dtype": job.dtype, "n_train": job.n_train, "n_validation": job.n_validation,
-              "data_seed": job.data_seed, "seed": job.seed, "target_sparsity": job.target_sparsity,
-              "device": unit.device, "threads": torch.get_num_threads(), "host": socket.gethostname(),
-              "started_at": now_iso()}
+    environment = {"device": unit.device, "threads": torch.get_num_threads(), "host": socket.gethostname(),
+                   "started_at": now_iso()}
     try:
-        record["device_name"] = device_name(unit.device)
-        record["versions"] = library_versions()
+        environment["device_name"] = device_name(unit.device)
+        environment["versions"] = library_versions()
         if unit.kind == "extend":
-            return _execute_extend(unit, record)
-        return _execute_job(unit, record)
+            return _execute_extend(unit, environment)
+        return _execute_job(unit, environment)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # one failing job must not take the sweep down; the error is recorded
         tb = traceback.extract_tb(err.__traceback__)
         where = f" (at {tb[-1].filename.rsplit(os.sep, 1)[-1]}:{tb[-1].lineno})" if tb else ""
-        record["finished_at"] = now_iso()
-        return {"kind": "failed", "job": record, "error": f"{type(err).__name__}: {err}{where}"}
+        environment["finished_at"] = now_iso()
+        return JobResult(unit.job, environment, error=f"{type(err).__name__}: {err}{where}")
 
 
-def _execute_job(unit: Unit, record: dict) -> dict:
+def _execute_job(unit: Unit, environment: dict) -> JobResult:
     import torch
 
     from .method import circuits_at, get_method
@@ -234,12 +173,11 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     job = unit.job
     harness = {}
     t0 = time.perf_counter()
-    model, engine = _model_and_engine(job.model, unit.device, unit.dtype)
+    model, engine = model_and_engine(job.model, unit.device, unit.dtype)
     harness["load_model"] = time.perf_counter() - t0
     task = get_task(job.task)
     t0 = time.perf_counter()
-    sizes = {"validation": job.n_validation} if job.n_validation is not None else None
-    splits = task.build(model.tokenizer, seed=job.data_seed, n_train=job.n_train, sizes=sizes)
+    splits = job.data.build(task, model.tokenizer)
     train = splits.train.to(model.device)
     validation = splits.validation.to(model.device)
     harness["build_data"] = time.perf_counter() - t0
@@ -254,99 +192,44 @@ def _execute_job(unit: Unit, record: dict) -> dict:
     scores = None
     if result.scores is not None:
         scores = result.scores.detach().float().cpu().masked_fill(~model.graph.valid, float("nan")).numpy()
-    record.update(wall_s=dict(cost.wall_s), wall_total_s=float(sum(cost.wall_s.values())),
-                  forward_passes=int(cost.forward_passes), backward_passes=int(cost.backward_passes),
-                  peak_memory_mib=cost.peak_memory_mib, graph=_graph_dict(model.graph),
-                  log=list(result.log), info={**dict(result.info), "harness_s": harness,
-                                               "n_train_built": len(train), "n_validation_built": len(validation),
-                                               "data_variant": splits.variant},
-                  finished_at=now_iso())
-    return {"kind": "job", "job": record, "runs": runs, "metrics": metrics, "circuits": files, "scores": scores}
+    info = {**dict(result.info), "harness_s": harness, "n_train_built": len(train),
+            "n_validation_built": len(validation), "data_variant": splits.variant}
+    cost = {"wall_s": dict(cost.wall_s), "wall_total_s": float(sum(cost.wall_s.values())),
+            "forward_passes": int(cost.forward_passes), "backward_passes": int(cost.backward_passes),
+            "peak_memory_mib": cost.peak_memory_mib}
+    return JobResult(job, {**environment, "finished_at": now_iso()}, cost, model.graph.to_dict(), list(result.log),
+                     info, tuple(runs), metrics, files, scores)
 
 
-def _execute_extend(unit: Unit, record: dict) -> dict:
+def _execute_extend(unit: Unit, environment: dict) -> JobResult:
     import torch
 
     from .circuit import Circuit
     from .tasks import get_task
 
     job = unit.job
-    model, _ = _model_and_engine(job.model, unit.device, unit.dtype)
+    model, _ = model_and_engine(job.model, unit.device, unit.dtype)
     task = get_task(job.task)
     scores = torch.from_numpy(np.nan_to_num(unit.scores, nan=0.0))
     circuits = {s: Circuit.from_sparsity(model.graph, scores, s, meta={"cut_from": "stored scores"}, cut=job.cut)
                 for s in unit.sparsities}
     runs, metrics, files = _run_records(job, circuits, model, task, _test_split(model, task, job), unit.progress)
-    return {"kind": "extend", "job": record, "runs": runs, "metrics": metrics, "circuits": files}
+    return JobResult(job, environment, runs=tuple(runs), metrics=metrics, circuits=files, extends=True)
 
 
-def _execute_reference(unit: Unit) -> dict:
+def _execute_reference(unit: Unit) -> ReferenceResult:
     from .circuit import Circuit
     from .tasks import get_task
 
     ref = unit.reference
-    model, _ = _model_and_engine(ref.model, unit.device, unit.dtype)
+    model, _ = model_and_engine(ref.model, unit.device, unit.dtype)
     task = get_task(ref.task)
     # The empty circuit with references: its own values and the full model's, on the same batches.
     values, _ = _evaluate(model, task, Circuit.empty(model.graph), ref, _test_split(model, task, ref),
                           unit.progress, references=True)
     split = {"full": {k[5:]: v for k, v in values.items() if k.startswith("full/")},
              "empty": {k[6:]: v for k, v in values.items() if k.startswith("empty/")}}
-    return {"kind": "reference", "reference": ref, "values": {"test": split}}
-
-
-# ---- validation before any work ------------------------------------------------------------------------
-def check_model_spec(spec: str) -> None:
-    """Raise `UserError` for a model spec that cannot be loaded, without loading any weights."""
-    from . import models
-
-    if spec.startswith("random:"):
-        if spec.split(":", 1)[1] not in models.RANDOM_SHAPES:
-            raise UserError(f"unknown model {spec!r}; random models: "
-                            f"{', '.join('random:' + n for n in models.RANDOM_SHAPES)}")
-        return
-    if spec.startswith("tracr:"):
-        if spec.split(":", 1)[1] not in models.TRACR_PROGRAMS:
-            raise UserError(f"unknown model {spec!r}; Tracr programs: "
-                            f"{', '.join('tracr:' + n for n in models.TRACR_PROGRAMS)}")
-        return
-    if spec in models.EMBEDDED:
-        return
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        config_file = os.path.join(path, "config.json")
-        if not os.path.exists(config_file):
-            raise UserError(f"model folder {spec!r} has no config.json")
-        try:
-            with open(config_file) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError) as err:
-            raise UserError(f"model folder {spec!r}: config.json cannot be read ({err})") from None
-        models.check_family(model_type, spec)
-        return
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(spec, local_files_only=True)
-    except Exception:
-        config = None
-    if config is not None:
-        models.check_family(config.model_type, spec)
-        return
-    if spec.startswith((".", "/", "~")):
-        raise UserError(f"unknown model {spec!r}: no such folder")
-    if not models._hub_reachable():
-        raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
-                        f"({', '.join(models.EMBEDDED)}), not in the Hugging Face cache, and the hub "
-                        f"cannot be reached")
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(spec)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"unknown model {spec!r}: {first}") from None
-    models.check_family(config.model_type, spec)
+    return ReferenceResult(ref, {"test": split})
 
 
 @contextmanager
@@ -395,10 +278,10 @@ def _cluster_backend(backend: str, cluster: str | None):
 # ---- planning -------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    jobs: list[Job]
+    jobs: list[JobSpec]
     references: list[Reference]
     units: list[Unit]
-    skipped: list[Job]
+    skipped: list[JobSpec]
     device: str
     dtype: str
     warnings: list[str] = field(default_factory=list)
@@ -408,11 +291,13 @@ def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
     """Expand the sweep and check every name and model; returns (jobs, references, warnings).
     ``strict``: a model that cannot be loaded is an error (a dry run only warns, so the plan of
     a sweep meant for another machine can still be shown)."""
+    from .models import ModelSpec
+
     jobs, refs = sweep.plan(device=device.split(":")[0], dtype=dtype)
     warnings = []
     for model in sorted({j.model for j in jobs} | {r.model for r in refs}):
         try:
-            check_model_spec(model)
+            ModelSpec.parse(model).check()
         except UserError as err:
             if strict or isinstance(err, UnsupportedModel):
                 raise
@@ -420,7 +305,7 @@ def validate(sweep: Sweep, device: str, dtype: str, strict: bool = True):
     return jobs, refs, warnings
 
 
-def make_plan(jobs: list[Job], refs: list[Reference], store: ResultsStore | None, device: str, dtype: str,
+def make_plan(jobs: list[JobSpec], refs: list[Reference], store: ResultsStore | None, device: str, dtype: str,
               progress: bool, threads: int | None, warnings=()) -> Plan:
     """The units still to run: what the store (None: an empty one) does not hold yet."""
     status = store.job_status([j.job_id for j in jobs]) if store else {}
@@ -457,7 +342,7 @@ def _canonical(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def stored_inputs(store: ResultsStore, job: Job) -> dict:
+def stored_inputs(store: ResultsStore, job: JobSpec) -> dict:
     """``{key: StoredScores}`` for the method of ``job``: for each (method, hyperparameters) its
     `CircuitMethod.score_inputs` names, the scores of the store's earliest complete job of that
     method and those resolved hyperparameters on the same data as ``job`` (its config equal to
@@ -484,287 +369,6 @@ def stored_inputs(store: ResultsStore, job: Job) -> dict:
             out[key] = StoredScores(method, rec["job_id"], scores, cost)
             break
     return out
-
-
-# ---- time estimate ----------------------------------------------------------------------------------------
-# The dry run's cost model. A masked forward pass over one example costs, per token, twice the
-# model's non-embedding parameters (its matrix multiplies) plus twice edges x d_model (each reader
-# sums its writers' outputs), plus a fixed per-layer overhead per pass; a backward pass costs two
-# forwards. Throughputs are assumptions, not measurements of this machine: they are replaced by
-# measurements as soon as the store holds finished jobs of the same method, model and device.
-ASSUMED_FLOPS = {"cpu": 20e9, "cuda": 50e12}  # sustained float32 FLOP/s: a 2-core CPU; one modern GPU
-ASSUMED_LAYER_OVERHEAD_S = {"cpu": 2e-3, "cuda": 2e-4}  # per layer and pass: kernel launches, Python
-ASSUMED_TOKENS = 20  # tokens per example (the paper's tasks are 15-25 tokens; Tracr inputs ~5)
-# name -> (layers, heads, kv heads, d_model, non-embedding parameters) for models known offline
-KNOWN_SHAPES = {"gpt2": (12, 12, 12, 768, 85_000_000), "smollm2-135m": (30, 9, 3, 576, 106_000_000),
-                "gemma3-270m": (18, 4, 1, 640, 100_000_000),
-                "tracr:xproportion": (2, 1, 1, 16, 2_000), "tracr:reverse": (4, 1, 1, 32, 10_000)}
-
-
-def model_shape(model: str) -> tuple[int, int, int, int, int] | None:
-    """(layers, heads, kv heads, d_model, non-embedding parameters) without loading weights."""
-    from . import models
-
-    if model in KNOWN_SHAPES:
-        return KNOWN_SHAPES[model]
-    if model.startswith("random:") and model[7:] in models.RANDOM_SHAPES:
-        family, kw = models.RANDOM_SHAPES[model[7:]]
-        if family == "gpt2":
-            L, H, d = kw["n_layer"], kw["n_head"], kw["n_embd"]
-            return L, H, H, d, L * 12 * d * d
-        L, H, d = kw["num_hidden_layers"], kw["num_attention_heads"], kw["hidden_size"]
-        kv = kw.get("num_key_value_heads", H)
-        return L, H, kv, d, L * (d * d * (2 + 2 * kv / H) + 3 * d * kw["intermediate_size"])
-    return None
-
-
-def assumed_forward_s(model: str, device: str, batch: int) -> float | None:
-    """Seconds for one masked forward pass over ``batch`` examples under the cost model above."""
-    from .graph import Graph
-
-    shape = model_shape(model)
-    if shape is None:
-        return None
-    L, H, kv, d, params = shape
-    edges = Graph(L, H, kv).n_edges
-    tokens = 6 if model.startswith("tracr:") else ASSUMED_TOKENS
-    flops = batch * tokens * 2 * (params + edges * d)
-    return ASSUMED_LAYER_OVERHEAD_S[device] * L + flops / ASSUMED_FLOPS[device]
-
-
-# A dry run times the real model when it has no measurement in the store and the model is small enough
-# to load here in seconds: one masked forward (evaluation) and one masked forward + backward to the
-# masks (a training step) on a batch of the task's own examples.
-PROBE_MAX_PARAMS = 2e9
-_PROBED: dict = {}
-
-
-def _loads_without_download(model: str) -> bool:
-    """Whether ``model`` (and its tokenizer) load from this machine alone: a dry run never downloads."""
-    from . import models
-    from .models import smollm2
-
-    if model.startswith("tracr:"):
-        return True
-    if model.startswith("random:"):
-        name = model.split(":", 1)[1]
-        return name in models.RANDOM_SHAPES and name not in models.RANDOM_ON_DEVICE and (
-            models.random_tokenizer(name) == "synthetic" or smollm2.is_converted())
-    if model in models.EMBEDDED:
-        return models.embedded_module(model).is_converted()
-    return False
-
-
-PROBE_BATCH = 16
-
-
-def probe_pass_s(model: str, task_name: str, device: str, dtype: str, batch: int) -> tuple[float, float] | None:
-    """(seconds of one masked forward without autograd, seconds of one masked forward + backward to the
-    edge masks) on ``batch`` training examples of ``task_name``: measured now at that batch size (after a
-    warm-up) up to `PROBE_BATCH` examples, larger batches scaled from `PROBE_BATCH` (a small batch is
-    not a proportional share of a large one: fixed per-pass costs dominate it); None for a model too
-    large to probe or one that cannot be loaded without a download."""
-    probed = min(batch, PROBE_BATCH)
-    key = (model, task_name, device, dtype, probed)
-    if key not in _PROBED:
-        _PROBED[key] = _probe(model, task_name, device, dtype, probed)
-    if _PROBED[key] is None:
-        return None
-    per_forward, per_step = _PROBED[key]
-    return per_forward * batch, per_step * batch
-
-
-def _probe(model: str, task_name: str, device: str, dtype: str, batch: int) -> tuple[float, float] | None:
-    """Seconds per example of a masked forward and of a masked forward + backward (`probe_pass_s`)."""
-    import torch
-
-    from .tasks import get_task
-
-    shape = model_shape(model)
-    if shape is None or shape[4] > PROBE_MAX_PARAMS or not _loads_without_download(model):
-        return None
-    try:
-        loaded, engine = _model_and_engine(model, device, dtype)
-        task = get_task(task_name)
-        examples = task.build(loaded.tokenizer, seed=0, n_train=batch).train
-        b = examples.select(torch.arange(min(batch, len(examples)))).to(loaded.device)
-    except UserError:
-        return None
-    ablation = getattr(task, "ablation", "interchange")
-    g = loaded.graph
-
-    def timed(fn):
-        sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
-        fn()  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return (time.perf_counter() - t0) / len(b)
-
-    with torch.no_grad():
-        cache = engine.corrupted_cache(b.corrupted, b.attention_mask, ablation=ablation)
-        reference = engine.reference(b.clean, b.attention_mask, positions=b.positions)
-    mask = torch.ones(g.n_writers, g.n_readers, device=loaded.device, dtype=engine.dtype)
-
-    def forward():
-        with torch.no_grad():
-            engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
-                   ablation=ablation, corrupted=cache)
-
-    def step():
-        m = mask.clone().requires_grad_(True)
-        logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=m, positions=b.positions,
-                        ablation=ablation, corrupted=cache)
-        task.loss(logits, reference, b).float().mean().backward()
-
-    return timed(forward), timed(step)
-
-
-def planned_passes(job: Job, n_edges: int | None) -> tuple[float, float, int, str]:
-    """(forward, backward, batch size, how) a job is expected to spend, in passes over a batch.
-
-    A method may declare ``planned_passes(config: dict, n_train: int, n_edges: int | None,
-    n_sparsities: int) -> (forward, backward)``; otherwise the count comes from its
-    hyperparameters: a circuit-training method's ``steps`` (one forward and one backward each);
-    ``taus`` (greedy search such as ACDC: one trial per edge and training batch per threshold,
-    each trial half a forward pass on average as it restarts at the reader's layer: an upper
-    bound, readers cut off from the output are skipped); else one forward and backward per
-    training batch, times ``steps`` points on the path for integrated gradients.
-    """
-    n_sp = 1 if job.target_sparsity is not None else len(job.sparsities)
-    return planned_passes_for(job.method, job.method_config, job.n_train, n_edges, n_sp)
-
-
-def planned_passes_for(method: str, cfg: dict, n_train: int, n_edges: int | None,
-                       n_sp: int) -> tuple[float, float, int, str]:
-    """`planned_passes` of one method under the resolved hyperparameters ``cfg`` on ``n_train``
-    training examples and ``n_sp`` sparsities of one job."""
-    from .method import get_method
-
-    cls = get_method(method)
-    batch = max(1, min(int(cfg.get("batch_size") or 32), n_train))
-    hook = getattr(cls, "planned_passes", None)
-    if callable(hook):
-        fwd, bwd = hook(cfg, n_train, n_edges, n_sp)
-        return float(fwd), float(bwd), batch, "method's own count"
-    batches = math.ceil(n_train / batch)
-    if cls.produces == "circuits" and cfg.get("steps"):  # gradient training, one run per target
-        return float(cfg["steps"]), float(cfg["steps"]), batch, f"{cfg['steps']} steps"
-    if cfg.get("taus") or cfg.get("tau") is not None:
-        n_taus = len(cfg["taus"]) if cfg.get("taus") else 1
-        edges = n_edges or 1000
-        return (0.5 * n_taus * edges * batches, 0.0, batch,
-                f"<= {n_taus} tau x {edges} edges x {batches} batch{'es' if batches > 1 else ''} trials")
-    reps = int(cfg.get("steps") or 1)  # integrated gradients: one pass per point on the path
-    what = f"{batches} batch{'es' if batches > 1 else ''}" + (f" x {reps} IG steps" if reps > 1 else "")
-    return float(batches * reps), float(batches * reps), batch, what
-
-
-def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
-    """From complete jobs: wall times by exact configuration, and seconds per example-forward
-    (wall / ((forward + 2 backward) x batch size)) by (method, model, device type)."""
-    by_config, per_example = {}, {}
-    if store is None:
-        return by_config, per_example
-    df = store.runs()
-    if not len(df):
-        return by_config, per_example
-    for row in df.drop_duplicates("job_id").to_dict(orient="records"):
-        cfg = json.loads(row["config"])
-        dev = str(row["device"]).split(":")[0]
-        key = (row["method"], json.dumps(cfg.get("method_config"), sort_keys=True), row["task"], row["model"],
-               row["n_train"], dev)
-        by_config.setdefault(key, []).append(float(row["wall_total_s"]))
-        fe = (row["forward_passes"] or 0) + 2 * (row["backward_passes"] or 0)
-        batch = max(1, min(int((cfg.get("method_config") or {}).get("batch_size") or 32), int(row["n_train"])))
-        if fe > 0 and row["wall_total_s"]:
-            per_example.setdefault((row["method"], row["model"], dev), []).append(
-                float(row["wall_total_s"]) / (fe * batch))
-        if row.get("eval_s") and row.get("n_examples"):
-            # an evaluation batch is three passes: reference, corrupted and masked
-            per_example.setdefault(("evaluate", row["model"], dev), []).append(
-                float(row["eval_s"]) / (3 * float(row["n_examples"])))
-    return by_config, per_example
-
-
-def estimate_plan(plan: Plan, store: ResultsStore | None,
-                  probe: bool = False) -> tuple[float, list[tuple[Unit, float, str]]]:
-    """Estimated seconds per unit and in total (see the cost model above).
-
-    A job whose exact configuration (method settings, task, model, n_train, device) the store
-    already ran takes that run's mean wall time ("measured"). Otherwise its planned passes
-    (`planned_passes`) x seconds per pass: measured from the store's jobs of the same method,
-    model and device when there are some; else, with ``probe``, measured now on the model and a
-    batch of the task (`probe_pass_s`, models up to `PROBE_MAX_PARAMS`); else assumed
-    (`assumed_forward_s`). Every circuit's
-    evaluation adds three passes (reference, corrupted, masked) per test batch; a reference unit
-    four.
-    """
-    from .tasks import get_task
-
-    by_config, per_example = _measured_rates(store)
-    dev = plan.device.split(":")[0]
-    out, total = [], 0.0
-    for unit in plan.units:
-        item = unit.job if unit.job is not None else unit.reference
-        task = get_task(item.task)
-        n_test = int(task.sizes.get("test", 0))
-        if item.eval_limit is not None:
-            n_test = min(n_test, item.eval_limit)
-        eval_batch = min(item.eval_batch_size, max(n_test, 1))
-        eval_batches = math.ceil(n_test / eval_batch)
-
-        def seconds(kind: str, batch: int, backward: bool = False):
-            """Seconds of one pass (a training step is a forward and a backward: 1 + 2 passes;
-            ``backward``: the pass is part of such a step)."""
-            rates = per_example.get((kind, item.model, dev))
-            if rates:
-                return float(np.median(rates)) * batch, "measured (stored jobs)"
-            probed = probe_pass_s(item.model, item.task, plan.device, plan.dtype, batch) if probe else None
-            if probed is not None:
-                forward, step = probed
-                return (step / 3 if backward else forward), "measured now"
-            s = assumed_forward_s(item.model, dev, batch)
-            return (s, "assumed") if s is not None else (None, "unknown model shape")
-
-        eval_pass, eval_basis = seconds("evaluate", eval_batch)
-        if unit.kind == "reference":
-            secs = 4 * eval_batches * eval_pass if eval_pass is not None else float("nan")
-            how = f"full + empty on {n_test} test examples ({eval_basis} pass time)"
-        else:
-            job = unit.job
-            n_circuits = len(unit.sparsities) if unit.kind == "extend" else len(job.sparsities)
-            secs = 3 * eval_batches * n_circuits * eval_pass if eval_pass is not None else float("nan")
-            key = (job.method, json.dumps(job.method_config, sort_keys=True), job.task, job.model, job.n_train, dev)
-            if unit.kind == "extend":
-                how = f"{n_circuits} evaluation{'s' if n_circuits > 1 else ''} ({eval_basis} pass time)"
-            elif key in by_config:
-                secs += float(np.mean(by_config[key]))
-                how = f"measured: {len(by_config[key])} stored run(s) of this configuration"
-            else:
-                shape = model_shape(job.model)
-                n_edges = None
-                if shape is not None:
-                    from .graph import Graph
-                    n_edges = Graph(*shape[:3]).n_edges
-                fwd, bwd, batch, what = planned_passes(job, n_edges)
-                pass_s, basis = seconds(job.method, batch, backward=bwd > 0)
-                secs = secs + (fwd + 2 * bwd) * pass_s if pass_s is not None else float("nan")
-                how = f"{what} x {basis} pass time"
-        out.append((unit, secs, how))
-        total += secs
-    return total, out
-
-
-def format_seconds(s: float) -> str:
-    if math.isnan(s):
-        return "?"
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
 
 
 # ---- the main entry point ---------------------------------------------------------------------------------
@@ -849,29 +453,27 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     return summary
 
 
-def _record(store: ResultsStore, result: dict, summary: RunSummary, bar) -> None:
+def _record(store: ResultsStore, result, summary: RunSummary, bar) -> None:
     from tqdm.auto import tqdm
 
     summary.executed += 1
-    kind = result["kind"]
-    if kind == "reference":
-        if store.record_references(_ref_dict(result["reference"]), result["values"]):
-            summary.references += 1
+    recorded = store.record(result)
+    if result.kind == "reference":
+        summary.references += int(recorded)
         return
-    job = result["job"]
-    label = f"{job['method']} {job['task']} {job['model']} seed={job['seed']}"
-    if kind == "failed":
-        store.record_failure(job, result["error"])
-        summary.failed_jobs.append(job["job_id"])
-        tqdm.write(f"job {job['job_id']} ({label}) failed: {result['error']}", file=sys.stderr)
+    job = result.spec
+    if result.kind == "failed":
+        summary.failed_jobs.append(job.job_id)
+        tqdm.write(f"job {job.job_id} ({_short_label(job)}) failed: {result.error}", file=sys.stderr)
         return
-    if kind == "extend":
-        store.add_runs(job["job_id"], result["runs"], result["metrics"], result["circuits"])
+    if result.kind == "extend" or recorded:  # added runs count as a job recorded
         summary.recorded_jobs += 1
-        return
-    if store.record_job(job, result["runs"], result["metrics"], result["circuits"], result.get("scores")):
-        summary.recorded_jobs += 1
-    bar.set_postfix_str(f"last: {label}", refresh=False)
+    if result.kind == "job":
+        bar.set_postfix_str(f"last: {_short_label(job)}", refresh=False)
+
+
+def _short_label(job: JobSpec) -> str:
+    return f"{job.method} {job.task} {job.model} seed={job.seed}"
 
 
 def execution_plan(device: str, backend: str, n_jobs: int, cpus: int | None = None):
@@ -896,11 +498,6 @@ def _execution(in_process: bool, workers: int, backend: str) -> str:
     if backend == "local":
         return f"{workers} workers"
     return f"the {backend} cluster's workers"
-
-
-def _ref_dict(ref: Reference) -> dict:
-    return {"ref_id": ref.ref_id, "task": ref.task, "model": ref.model, "dtype": ref.dtype, "device": ref.device,
-            "data_seed": ref.data_seed, "eval_limit": ref.eval_limit, "n_validation": ref.n_validation}
 
 
 def _print_budgets(plan: Plan, out) -> None:
@@ -959,7 +556,5 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
           f"{PROBE_MAX_PARAMS / 1e9:.0f}B parameters); otherwise assumed from the model's size "
           f"({ASSUMED_FLOPS['cpu'] / 1e9:.0f} GFLOP/s on a CPU, {ASSUMED_FLOPS['cuda'] / 1e12:.0f} TFLOP/s "
           "on a GPU). A configuration already run here takes its measured time.", file=out)
-    from .distributed import memory_lines
-
     for line in memory_lines(sorted({u.job.model for u, _, _ in per_unit if u.job is not None}), plan.dtype):
         print(line, file=out)

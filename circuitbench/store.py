@@ -382,6 +382,18 @@ class ResultsStore:
             atomic_write(self.root / rel, buf.read())
         return rel
 
+    def record(self, result) -> bool:
+        """Write what a unit of a sweep returned (`circuitbench.result`): a complete job with its runs,
+        metrics, circuit files and scores; runs added to a complete job; a failed job with its error;
+        a test split's reference metrics. False when the store already held it."""
+        if result.kind == "reference":
+            return self.record_references(result.row(), result.values)
+        if result.kind == "failed":
+            return self.record_failure(result.row(), result.error)
+        if result.kind == "extend":
+            return self.add_runs(result.spec.job_id, list(result.runs), result.metrics, result.circuits) > 0
+        return self.record_job(result.row(), list(result.runs), result.metrics, result.circuits, result.scores)
+
     def record_job(self, job: dict, runs: list[dict], metrics: dict[str, dict[str, dict[str, float]]],
                    circuits: dict[str, dict], scores=None) -> bool:
         """Record a complete job with its runs and every metric, in one transaction.
@@ -608,9 +620,7 @@ class ResultsStore:
                                 f"({', '.join(f'{r[2]:g}' for r in rows)})")
             row = rows[0]
         g = json.loads(row[1])
-        graph = Graph(g["layers"], g["heads"], g.get("n_kv_heads", g.get("kv_heads")), g.get("has_mlp", True),
-                      g.get("parallel", False))
-        return Circuit.load(self.root / row[0], graph)
+        return Circuit.load(self.root / row[0], Graph.from_dict(g))
 
     def counts(self) -> dict[str, int]:
         """Numbers of complete and failed jobs, runs and reference sets (for messages and tests)."""

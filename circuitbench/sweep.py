@@ -52,7 +52,7 @@ jobs (`CircuitMethod.target_groups`): a method that trains one circuit per targe
 "circuits"``) gets one job per sparsity, unless it trains them all in one run (Edge Pruning's
 ``schedule = "path"``: one job for the whole grid); a score-based method gets one job that is
 discovered once and cut at every sparsity. A job's id is a hash of everything that
-defines its result (`Job.config`), so rerunning a sweep finds the jobs it already has.
+defines its result (`JobSpec.config`), so rerunning a sweep finds the jobs it already has.
 """
 from __future__ import annotations
 
@@ -306,11 +306,15 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass
-class Job:
-    """One discovery and the circuits it is evaluated at."""
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines one job (a discovery and the circuits it is evaluated at), resolved
+    when the sweep is planned; ``config`` (what the id hashes) and ``job_id`` are computed once, here.
 
-    job_id: str
+    ``sparsities`` are the circuits to evaluate: a method that trains one circuit per target has one
+    (its ``target_sparsity``), a path run (Edge Pruning's ``schedule = "path"``) trains them all, a
+    score method's ranking is cut at each (``cut``: `Circuit.from_sparsity`)."""
+
     method: str
     method_preset: str
     method_overrides: dict
@@ -326,10 +330,38 @@ class Job:
     device: str
     eval_limit: int | None
     eval_batch_size: int
-    target_sparsity: float | None  # circuit methods trained for one target: that target
-    sparsities: tuple[float, ...]  # the circuits to evaluate
-    config: dict  # what job_id hashes
-    cut: str = "effective"  # score methods: how the ranking is cut at each sparsity (`Circuit.from_sparsity`)
+    sparsities: tuple[float, ...]
+    cut: str = "effective"
+    tokenizer: str | None = None  # a random model's unusual tokenizer (`_tokenizer_tag`), part of the id
+    config: dict = field(init=False, repr=False, compare=False)
+    job_id: str = field(init=False, compare=False)
+
+    def __post_init__(self):
+        config = {"v": HASH_VERSION, "method": self.method, "method_preset": self.method_preset,
+                  "method_config": self.method_config, "task": self.task, "model": self.model,
+                  "n_train": self.n_train, "n_validation": self.n_validation, "data_seed": self.data_seed,
+                  "seed": self.seed, "dtype": self.dtype, "device": self.device, "eval_limit": self.eval_limit,
+                  "target_sparsity": self.target_sparsity}
+        if self.produces == "circuits" and len(self.sparsities) > 1:
+            config["targets"] = list(self.sparsities)  # one run trains them all (a path)
+        if self.produces == "scores":
+            config["cut"] = self.cut
+        if self.tokenizer is not None:
+            config["tokenizer"] = self.tokenizer
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "job_id", config_hash(config))
+
+    @property
+    def data(self):
+        """The job's data (`circuitbench.tasks.base.DataSpec`): its seed and split sizes."""
+        from .tasks.base import DataSpec
+
+        return DataSpec(self.data_seed, self.n_train, self.n_validation)
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """A circuit method trained for one target: that target; otherwise None."""
+        return self.sparsities[0] if self.produces == "circuits" and len(self.sparsities) == 1 else None
 
     @property
     def label(self) -> str:
@@ -351,18 +383,23 @@ class Reference:
     eval_batch_size: int
     n_validation: int | None = None  # the test split is drawn after the validation split
 
+    @property
+    def data(self):
+        """The data the references are evaluated on: the default training size (`DataSpec`)."""
+        from .tasks.base import DataSpec
+
+        return DataSpec(self.data_seed, None, self.n_validation)
+
 
 def _tokenizer_tag(model: str) -> str | None:
     """The tokenizer a job records in its id when it is not the model's usual one: "synthetic" for a
     random model under ``CIRCUITBENCH_RANDOM_TOKENIZER=synthetic``; None otherwise."""
-    if not model.startswith("random:"):
-        return None
     from . import models
 
-    name = model.split(":", 1)[1]
-    if name not in models.RANDOM_SHAPES:
+    spec = models.ModelSpec.parse(model)
+    if not spec.known_random:
         return None
-    tok = models.random_tokenizer(name)
+    tok = models.random_tokenizer(spec.name)
     return tok if tok != "smollm2" else None
 
 
@@ -392,11 +429,11 @@ def _jsonable(value):
     return str(value)
 
 
-def resolved_method_config(method_cls, preset: str, overrides: dict, task_obj) -> dict:
-    """The hyperparameters ``method_cls`` will use on ``task_obj`` (per-task entries applied, the
-    ``per_task`` table itself dropped: other tasks' entries must not change this job's id)."""
-    method = method_cls(preset=preset, **overrides)
-    cfg = _jsonable(method.config_for(task_obj))
+def resolved_method_config(method_cls, preset: str, overrides: dict, task: str) -> dict:
+    """The hyperparameters ``method_cls`` will use on the task named ``task``, as JSON (per-task
+    entries applied, the ``per_task`` table itself dropped: other tasks' entries must not change
+    this job's id)."""
+    cfg = _jsonable(method_cls.resolve_config(preset, overrides, task))
     cfg.pop("per_task", None)
     return cfg
 
@@ -456,7 +493,7 @@ class Sweep:
 
         return [canonical_task_name(t) for t in tasks]
 
-    def plan(self, device: str = "cpu", dtype: str | None = None) -> tuple[list[Job], list[Reference]]:
+    def plan(self, device: str = "cpu", dtype: str | None = None) -> tuple[list[JobSpec], list[Reference]]:
         """Expand into jobs and reference evaluations, validating every name and size first.
 
         ``device`` is the device type jobs will run on (part of each job's id: timings and float
@@ -469,7 +506,7 @@ class Sweep:
 
         dtype = str(dtype or self.get("dtype") or "float32")
         method_preset = self.get("method_preset")
-        jobs: dict[str, Job] = {}
+        jobs: dict[str, JobSpec] = {}
         refs: dict[str, Reference] = {}
         for task_name in self.tasks:
             task = get_task(task_name)
@@ -514,34 +551,21 @@ class Sweep:
                 refs.setdefault(ref.ref_id, ref)
                 for method_name, cls in method_classes.items():
                     overrides = self.method_overrides(method_name, task_name)
-                    mcfg = resolved_method_config(cls, method_preset, overrides, task)
+                    mcfg = resolved_method_config(cls, method_preset, overrides, task.name)
                     targets = cls.target_groups(mcfg, sparsities)
                     own = self.per_method(method_name)
                     method_n = resolve_n(own["n_train"]) if "n_train" in own else resolved_n
                     for n_train in method_n:
                         for seed in own.get("seeds", seeds):
                             for group in targets:
-                                target = group[0] if cls.produces == "circuits" and len(group) == 1 else None
-                                config = {"v": HASH_VERSION, "method": method_name, "method_preset": method_preset,
-                                          "method_config": mcfg, "task": task_name, "model": model,
-                                          "n_train": n_train, "n_validation": n_validation,
-                                          "data_seed": data_seed, "seed": seed, "dtype": dtype, "device": device,
-                                          "eval_limit": eval_limit, "target_sparsity": target}
-                                if cls.produces == "circuits" and len(group) > 1:
-                                    config["targets"] = list(group)  # one run trains them all (a path)
-                                if cls.produces == "scores":
-                                    config["cut"] = cut
-                                if tokenizer is not None:
-                                    config["tokenizer"] = tokenizer
-                                job_id = config_hash(config)
-                                if job_id in jobs:  # the same job from two per-task entries: merge grids
-                                    old = jobs[job_id]
-                                    old.sparsities = tuple(sorted(set(old.sparsities) | set(group)))
-                                    continue
-                                jobs[job_id] = Job(job_id, method_name, method_preset, dict(overrides), mcfg,
-                                                   cls.produces, task_name, model, n_train, n_validation,
-                                                   data_seed, seed, dtype, device, eval_limit, eval_bs,
-                                                   target, tuple(group), config, cut)
+                                job = JobSpec(method_name, method_preset, dict(overrides), mcfg, cls.produces,
+                                              task_name, model, n_train, n_validation, data_seed, seed, dtype,
+                                              device, eval_limit, eval_bs, tuple(group), cut, tokenizer)
+                                old = jobs.get(job.job_id)
+                                if old is not None:  # the same job from two per-task entries: merge grids
+                                    job = dataclasses.replace(old, sparsities=tuple(sorted(set(old.sparsities)
+                                                                                           | set(group))))
+                                jobs[job.job_id] = job
         return list(jobs.values()), list(refs.values())
 
     def _models_for(self, task_name: str, task) -> list[str]:

@@ -59,7 +59,7 @@ from circuitbench.engine import MaskedModel
 from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method
 from circuitbench.precision import MixedPrecisionAdapter, mixed_precision, resolve_low_dtype
 
-from ._common import BatchPlan, progress_bar, valid_float
+from circuitbench.batches import BatchPlan, progress_bar, valid_float
 
 PRECISIONS = ("float32", "pahq")  # "float32": every pass in the model's own dtype
 

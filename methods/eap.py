@@ -61,7 +61,7 @@ from circuitbench.engine import CorruptedCache
 from circuitbench.errors import UserError
 from circuitbench.method import CircuitMethod, CostMeter, MethodResult, register_method
 
-from ._common import BatchPlan, progress_bar, valid_float
+from circuitbench.batches import BatchPlan, progress_bar, valid_float
 
 
 @dataclass

@@ -64,7 +64,7 @@ from circuitbench.errors import UserError
 from circuitbench.method import (CircuitMethod, CostMeter, MethodResult, get_method, register_method,
                                  seeded_generator)
 
-from ._common import BatchPlan, check_sparsities, progress_bar, valid_float
+from circuitbench.batches import BatchPlan, check_sparsities, progress_bar, valid_float
 from .hard_concrete import HardConcrete
 
 DISCRETISE = ("density", "deterministic", "exact")

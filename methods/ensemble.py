@@ -57,7 +57,7 @@ COMBINATIONS = ("mean", "min", "max")
 
 @dataclass
 class EnsembleConfig:
-    members: list = field(default_factory=lambda: ["eap", "eap-ig"])
+    members: list | str = field(default_factory=lambda: ["eap", "eap-ig"])  # names, or one comma string
     combine: str = "mean"
     normalise: str = "rank"
     member_config: dict = field(default_factory=dict)  # {member name: {field: value}}
@@ -166,22 +166,22 @@ class Ensemble(CircuitMethod):
             raise UserError(f"ensemble.member_config names {', '.join(extra)}, not among the members "
                             f"({', '.join(names)})")
 
-    def config_for(self, task):
-        """The Config with every member's hyperparameters resolved for ``task`` (its preset, the
-        overrides in ``member_config``, its per-task entries): ``member_config`` then holds each
-        member's full configuration (per-task tables left out), which is what the job id hashes."""
-        cfg = super().config_for(task)
-        names = member_names(cfg.members)
+    @classmethod
+    def complete_config(cls, config, preset, task):
+        """Every member's hyperparameters resolved for ``task`` (its preset, the overrides in
+        ``member_config``, its per-task entries): ``member_config`` then holds each member's full
+        configuration (per-task tables left out), which is what the job id hashes."""
+        names = member_names(config.members)
         resolved = {}
         for name in names:
             try:
-                member = get_method(name)(preset=self.preset, **cfg.member_config.get(name, {}))
-                mcfg = dataclasses.asdict(member.config_for(task))
+                mcfg = dataclasses.asdict(get_method(name).resolve_config(preset, config.member_config.get(name, {}),
+                                                                          task))
             except UserError as err:
                 raise UserError(f"ensemble member {name}: {err}") from None
             mcfg.pop("per_task", None)
             resolved[name] = mcfg
-        return dataclasses.replace(cfg, members=names, member_config=resolved)
+        return dataclasses.replace(config, members=names, member_config=resolved)
 
     @classmethod
     def score_inputs(cls, config: dict) -> dict[str, tuple[str, dict]]:
@@ -198,7 +198,7 @@ class Ensemble(CircuitMethod):
     def planned_passes(cls, config: dict, n_train: int, n_edges, n_sparsities: int) -> tuple[float, float]:
         """The members' planned passes, summed (each rescaled from the member's batch size to the
         runner's default batch for a method without one)."""
-        from circuitbench.runner import planned_passes_for
+        from circuitbench.costs import planned_passes_for
 
         batch = max(1, min(32, n_train))
         fwd = bwd = 0.0

@@ -205,7 +205,7 @@ def test_fresh_heads_only_in_restarts_without_autograd(tiny):
 
 def test_search_with_head_subsets_equals_search_without(tiny):
     """ACDC's trials recompute only the changed heads of their layer; the search is unchanged."""
-    from methods._common import BatchPlan
+    from circuitbench.batches import BatchPlan
     from methods.acdc import run_acdc
 
     from circuitbench.method import CostMeter

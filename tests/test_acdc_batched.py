@@ -6,7 +6,7 @@ import torch
 
 from circuitbench import MaskedModel, load_model
 from circuitbench.method import CostMeter
-from methods._common import BatchPlan
+from circuitbench.batches import BatchPlan
 from methods.acdc import ACDC, run_acdc, trial_width
 from methods_support import SyntheticTask, make_examples
 
@@ -236,7 +236,7 @@ def test_discover_records_the_width(tiny):
 
 # ---- the benchmarks -----------------------------------------------------------------------------
 def test_search_benchmark_compares_both_widths():
-    from circuitbench.bench_methods import acdc_search_benchmark
+    from methods.benchmarks import acdc_search_benchmark
 
     result = acdc_search_benchmark("random:gpt2-tiny", threads=1, progress=False, task="ioi", n_train=4)
     assert result["same_circuit"] and result["same_edges_tried"] and result["max_increase_difference"] < ATOL
@@ -246,7 +246,7 @@ def test_search_benchmark_compares_both_widths():
 
 
 def test_methods_benchmark_reports_the_batched_trial():
-    from circuitbench.bench_methods import methods_benchmark
+    from methods.benchmarks import methods_benchmark
 
     result = methods_benchmark("random:gpt2-tiny", batch=2, seq=5, threads=1, repeats=1, memory=False,
                                progress=False)

@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from circuitbench.distributed import (DataParallel, ShardedLlamaAdapter, acdc_seconds, codellama_13b_config,
-                                      config_for_spec, discover_local, estimate_memory, shard_model,
-                                      train_edge_pruning)
+from circuitbench.costs import acdc_seconds, codellama_13b_config, estimate_memory
+from circuitbench.distributed import DataParallel, ShardedLlamaAdapter, discover_local, shard_model, train_edge_pruning
 from circuitbench.errors import UserError
 
 # ioi on the random Llama: the empty circuit's KL is ~0.25, so the masks' gradients are far from zero;
@@ -97,9 +96,12 @@ def test_codellama_13b_estimate_is_sane():
 
 
 def test_configs_known_offline():
-    assert config_for_spec("random:llama-tiny").num_hidden_layers == 2
-    assert config_for_spec("smollm2-135m").num_key_value_heads == 3
-    assert config_for_spec("codellama/CodeLlama-13b-Instruct-hf").hidden_size == 5120
+    from circuitbench.models import ModelSpec
+
+    assert ModelSpec.parse("random:llama-tiny").config().num_hidden_layers == 2
+    assert ModelSpec.parse("smollm2-135m").config().num_key_value_heads == 3
+    assert ModelSpec.parse("codellama/CodeLlama-13b-Instruct-hf").config().hidden_size == 5120
+    assert ModelSpec.parse("tracr:reverse").config() is None
 
 
 def test_fsdp_without_a_process_group_is_a_clear_error():

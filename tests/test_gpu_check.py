@@ -106,7 +106,7 @@ def test_codellama_13b_graph_without_loading(monkeypatch, capsys):
     assert main(["graph", "--model", "random:codellama-13b", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["layers"], out["heads"], out["edges"]) == (40, 40, 3_877_661)
-    from circuitbench.distributed import codellama_13b_config
+    from circuitbench.costs import codellama_13b_config
 
     cfg = codellama_13b_config()
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_key_value_heads) == (5120, 13824, 32016, 40)
@@ -134,7 +134,7 @@ def test_large_random_shapes_are_built_on_the_device_in_their_dtype(monkeypatch)
 
 # ---- benchmarks: devices and the ep-step target ------------------------------------------------------
 def test_ep_step_benchmark_reports_time_memory_and_estimate():
-    from circuitbench.bench_methods import ep_step_benchmark
+    from methods.benchmarks import ep_step_benchmark
 
     r = ep_step_benchmark("random:llama-tiny", batch=1, seq=12, threads=1, repeats=1, progress=False,
                           dtype="bfloat16", checkpoint=True)

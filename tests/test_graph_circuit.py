@@ -183,3 +183,16 @@ def test_local_folder_loads(tmp_path):
     again = load_model(str(tmp_path))
     ids = torch.randint(0, 500, (2, 5))
     assert torch.allclose(again.hf_model(ids).logits, m.hf_model(ids).logits)
+
+
+def test_graph_to_dict_and_back():
+    for g in (Graph(2, 4), Graph(3, 4, 2), Graph(2, 2, has_mlp=False), Graph(2, 4, parallel=True)):
+        d = g.to_dict()
+        assert Graph.from_dict(d) == g and Graph.from_dict(json.loads(json.dumps(d))) == g
+        assert d["edges"] == g.n_edges and ("parallel" in d) == g.parallel  # sequential records keep their bytes
+    assert list(Graph(2, 4).to_dict()) == ["layers", "heads", "kv_heads", "n_kv_heads", "has_mlp", "edges"]
+    # a circuit file keeps the shape's first three keys (and parallel), from which the graph is read back
+    for g in (Graph(3, 4, 2), Graph(2, 4, parallel=True)):
+        shape = Circuit.empty(g).to_dict()["graph"]
+        assert shape == {k: v for k, v in g.to_dict().items() if k in ("layers", "heads", "kv_heads", "parallel")}
+        assert Graph.from_dict(shape) == g

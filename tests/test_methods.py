@@ -138,8 +138,21 @@ def test_methods_command(capsys):
     assert "unknown method" in capsys.readouterr().err
 
 
+def test_benchmarks_are_found_through_the_registry(capsys):
+    # circuitbench names no method benchmark: the methods package registers its own when loaded
+    from circuitbench.bench import list_benchmarks
+
+    known = list_benchmarks()
+    assert set(known) >= {"engine", "methods", "ep-step", "acdc-search"}
+    assert known["methods"].target == "methods.benchmarks:methods_benchmark" and not known["methods"].search
+    assert known["acdc-search"].search and known["acdc-search"].default_model == "smollm2-135m"
+    assert main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown benchmark 'nope'") and "acdc-search" in err and err.count("\n") == 1
+
+
 def test_methods_benchmark_reports_every_ratio():
-    from circuitbench.bench_methods import methods_benchmark
+    from methods.benchmarks import methods_benchmark
 
     result = methods_benchmark("random:gpt2-tiny", batch=2, seq=5, threads=1, repeats=1, memory=False,
                                progress=False)

@@ -262,7 +262,7 @@ def test_pahq_batched_equals_one_by_one():
 
 
 def test_methods_benchmark_reports_pahq():
-    from circuitbench.bench_methods import methods_benchmark
+    from methods.benchmarks import methods_benchmark
 
     result = methods_benchmark("random:gpt2-tiny", batch=2, seq=5, threads=1, repeats=1, memory=False,
                                progress=False)

@@ -3,6 +3,7 @@ clean errors, dry runs, worker processes, determinism and the smoke regression c
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import torch
 
 from circuitbench.circuit import Circuit
 from circuitbench.cli import main
+from circuitbench.errors import UserError
 from circuitbench.method import CircuitMethod, CostMeter, MethodResult, seeded_generator
 from circuitbench.runner import run_sweep
 from circuitbench.store import ResultsStore
@@ -163,6 +165,13 @@ ERROR_CASES = {
     "negative sparsity": (["--methods", "eap", "--task", "ioi-t1", "--sparsities=-0.5"], "outside [0, 1)"),
     "n_train too large": (["--methods", "eap", "--task", "ioi", "--n-train", "200,1000000"], "training pool"),
     "unknown hyperparameter": (["--methods", "eap", "--task", "ioi-t1", "--set", "eap.nope=1"], "unknown eap hyperparameter"),
+    "unknown ep hyperparameter": (["--methods", "ep,eap", "--task", "gt", "--set", "ep.nosuch=1"],
+                                  "unknown ep hyperparameter(s) nosuch"),
+    "hyperparameter of the wrong type": (["--methods", "ep,eap", "--task", "gt", "--set", "ep.steps=abc"],
+                                         "ep.steps: expected int, got 'abc'"),
+    "ensemble member hyperparameter of the wrong type": (
+        ["--methods", "ensemble", "--task", "gt", "--set", "ensemble.member_config={eap = {batch_size = 0.5}}"],
+        "ensemble member eap: eap.batch_size: expected int, got 0.5"),
     "unknown backend": (["--methods", "eap", "--task", "ioi-t1", "--backend", "spark"], "invalid choice"),
     "no method": (["--task", "ioi-t1"], "no method given"),
 }
@@ -371,26 +380,67 @@ def test_execution_plan():
 def test_dry_run_measures_pass_times_on_the_model(monkeypatch, capsys):
     """Without stored runs, the dry run times the model itself (one masked forward, one forward +
     backward) instead of assuming a throughput, and a training job's estimate is its steps x that step."""
-    from circuitbench import runner
+    from circuitbench import costs, runner
 
     monkeypatch.setenv("CIRCUITBENCH_RANDOM_TOKENIZER", "synthetic")  # no download in a dry run
-    runner._PROBED.clear()
-    forward, step = runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16)
+    costs._PROBED.clear()
+    forward, step = costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 16)
     assert 0 < forward < step
     # batches up to PROBE_BATCH are timed at their own size, larger ones scaled from it
-    assert runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 32) == (2 * forward, 2 * step)
-    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) not in runner._PROBED
-    runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4)
-    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) in runner._PROBED
-    assert runner.probe_pass_s("random:codellama-13b", "ioi-t1", "cpu", "float32", 8) is None  # too large
+    assert costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 32) == (2 * forward, 2 * step)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) not in costs._PROBED
+    costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4)
+    assert ("random:gpt2-tiny", "ioi-t1", "cpu", "float32", 4) in costs._PROBED
+    assert costs.probe_pass_s("random:codellama-13b", "ioi-t1", "cpu", "float32", 8) is None  # too large
     s = sweep(methods="ep", sparsities="0.9")
     jobs, refs, _ = runner.validate(s, "cpu", "float32")
     plan = runner.make_plan(jobs, refs, None, "cpu", "float32", False, None)
-    _, per_unit = runner.estimate_plan(plan, None, probe=True)
+    _, per_unit = costs.estimate_plan(plan, None, probe=True)
     unit, secs, how = next(u for u in per_unit if u[0].kind == "job")
     assert "measured now" in how
     steps, batch = unit.job.method_config["steps"], min(unit.job.method_config["batch_size"], unit.job.n_train)
-    eval_s = secs - steps * runner.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", batch)[1]
+    eval_s = secs - steps * costs.probe_pass_s("random:gpt2-tiny", "ioi-t1", "cpu", "float32", batch)[1]
     assert 0 < eval_s < secs  # the rest is the circuit's evaluation
-    _, assumed = runner.estimate_plan(plan, None, probe=False)
+    _, assumed = costs.estimate_plan(plan, None, probe=False)
     assert "assumed" in next(how for u, _, how in assumed if u.kind == "job")
+
+
+def test_evaluate_on_a_stored_circuit_gives_the_stored_metrics(tmp_path, capsys):
+    """A run with its own split sizes, then `circuitbench evaluate` on its stored circuit with those
+    sizes: the job's test split (`DataSpec`), so exactly the stored metrics."""
+    results = tmp_path / "r"
+    sizes = ["--n-train", "8", "--n-validation", "8"]
+    assert main(["run", "--methods", "eap", "--task", "ioi-t1", "--model", "random:gpt2-tiny", "--sparsities", "0.9",
+                 "--eval-limit", "8", *sizes, "--results", str(results), "--no-progress"]) == 0
+    row = ResultsStore(results).runs(with_metrics=True).iloc[0]
+    assert row["n_validation"] == 8 and row["n_train"] == 8
+    stored = {k[len("test/"):]: row[k] for k in row.index if k.startswith("test/") and not math.isnan(row[k])}
+    capsys.readouterr()
+    evaluate = ["evaluate", "--task", "ioi-t1", "--model", "random:gpt2-tiny", "--circuit",
+                str(results / "circuits" / f"{row['run_id']}.json"), "--json", "--no-references", "--no-progress"]
+    assert main([*evaluate, "--limit", "8", *sizes]) == 0
+    values = json.loads(capsys.readouterr().out)
+    assert values.pop("n_examples") == row["n_examples"] == 8
+    assert stored and values == stored
+    # the sizes reach the data: the validation split is the job's 8 examples, not the task's default
+    assert main([*evaluate, "--split", "validation", *sizes]) == 0
+    assert json.loads(capsys.readouterr().out)["n_examples"] == 8
+    assert main([*evaluate, "--split", "validation", "--limit", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_examples"] > 8
+
+
+def test_model_spec_is_read_in_one_place():
+    from circuitbench.models import EMBEDDED, ModelSpec
+
+    assert ModelSpec.parse(" random:gpt2-tiny ") == ModelSpec("random:gpt2-tiny", "random", "gpt2-tiny")
+    assert ModelSpec.parse("tracr:reverse").kind == "tracr" and ModelSpec.parse(EMBEDDED[0]).kind == "embedded"
+    assert ModelSpec.parse("gpt2") == ModelSpec("gpt2", "hub", "gpt2")
+    assert ModelSpec.parse("random:gpt2-tiny").known_random and not ModelSpec.parse("random:nope").known_random
+    for bad in ("", "  ", None):
+        with pytest.raises(UserError, match="non-empty"):
+            ModelSpec.parse(bad)
+    with pytest.raises(UserError, match="random models: random:gpt2-small"):
+        ModelSpec.parse("random:nope").check()
+    with pytest.raises(UserError, match="Tracr programs"):
+        ModelSpec.parse("tracr:nope").check()
+    assert ModelSpec.parse("random:gpt2-tiny").config().n_layer == 2

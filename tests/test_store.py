@@ -185,3 +185,35 @@ def test_kill_during_writes_never_corrupts(tmp_path):
     for f in df["circuit_file"]:
         data = json.loads((tmp_path / f).read_text())
         assert data["format"] == "circuitbench"
+
+
+def test_record_writes_each_kind_of_result(tmp_path):
+    """`ResultsStore.record`: what a unit returns (`circuitbench.result`), one call whatever its kind."""
+    from circuitbench.result import JobResult, ReferenceResult
+    from circuitbench.sweep import Sweep
+
+    jobs, refs = Sweep.build(flags={"methods": "eap", "tasks": "ioi-t1", "models": "random:gpt2-tiny",
+                                    "sparsities": "0.5,0.9"}).plan()
+    spec = jobs[0]
+    record, runs, metrics, circuits, scores = make_job(spec.job_id, sparsities=spec.sparsities)
+    environment = {k: record[k] for k in ("device", "device_name", "threads", "host", "versions", "started_at",
+                                          "finished_at")}
+    cost = {k: record[k] for k in ("wall_s", "wall_total_s", "forward_passes", "backward_passes", "peak_memory_mib")}
+    store = ResultsStore(tmp_path)
+    assert store.record(JobResult(spec, environment, error="RuntimeError: boom (at x.py:1)"))
+    assert store.job_status([spec.job_id]) == {spec.job_id: "failed"}
+    first = tuple(r for r in runs if r["target_sparsity"] == 0.5)
+    done = JobResult(spec, environment, cost, GRAPH_DICT, [{"step": 1}], {"n": 1}, first,
+                     {r["run_id"]: metrics[r["run_id"]] for r in first}, circuits, scores)
+    assert done.kind == "job" and done.row()["method_config"] == spec.method_config
+    assert store.record(done) and not store.record(done)  # complete once; the failure is replaced
+    assert store.job_status([spec.job_id]) == {spec.job_id: "complete"}
+    assert not store.record(JobResult(spec, environment, error="late"))  # never over a complete job
+    rest = tuple(r for r in runs if r["target_sparsity"] == 0.9)
+    extend = JobResult(spec, environment, runs=rest, metrics=metrics, circuits=circuits, extends=True)
+    assert extend.kind == "extend" and store.record(extend) and not store.record(extend)
+    assert store.run_sparsities(spec.job_id) == {0.5, 0.9}
+    ref = ReferenceResult(refs[0], {"test": {"full": {"kl": 0.0}, "empty": {"kl": 1.5}}})
+    assert store.record(ref) and not store.record(ref) and store.has_references(refs[0].ref_id)
+    row = store.runs().iloc[0]
+    assert json.loads(row["config"]) == spec.config and row["device_name"] == "test cpu"

@@ -1,6 +1,8 @@
 """Sweeps: value parsing, layering (defaults < preset < file < flags), TOML errors, expansion, job ids."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dataclasses import dataclass, field
@@ -52,6 +54,46 @@ def test_parse_set():
         "ep": {"steps": 100, "lr": 0.5}, "acdc": {"taus": [0.1, 0.2]}, "x": {"name": "abc"}}
     with pytest.raises(UserError, match="METHOD.FIELD=VALUE"):
         parse_set(["steps=100"])
+
+
+def test_job_ids_are_those_of_existing_stores():
+    # ids computed before `JobSpec` (a dict built in `Sweep.plan`): stores written then still resume
+    smoke = {j.job_id: j for j in Sweep.build(preset="smoke").plan("cpu")[0]}
+    assert sorted(smoke) == ["59776503a39bbc2c", "735675d0c10628b3", "d35466cbdbc1f8ed", "f2dae2b6817e7cb8"]
+    assert smoke["735675d0c10628b3"].target_sparsity == 0.5 and smoke["735675d0c10628b3"].produces == "circuits"
+    path = Sweep.build(flags={"methods": "ep", "tasks": "gt", "n_validation": 8,
+                              "method_config": {"ep": {"schedule": "path"}}}).plan("cpu")[0]
+    assert [j.job_id for j in path] == ["3517cdee4d06207b"] and path[0].target_sparsity is None
+
+
+def test_overrides_are_checked_against_the_config_field_types():
+    from circuitbench.method import get_method
+
+    ep = get_method("ep")
+    cfg = ep.resolve_config("paper", {"steps": 7, "lr": 1, "edge_target": 0.5, "warm_start": "eap-ig"}, "gt")
+    assert (cfg.steps, cfg.lr, cfg.edge_target, cfg.warm_start) == (7, 1, 0.5, "eap-ig")
+    assert cfg.node_target == ep.presets["paper"]["per_task"]["gt"]["node_target"]  # the preset's per-task entry
+    assert get_method("acdc").resolve_config(None, {"taus": [0.1, 0.2]}).taus == [0.1, 0.2]  # a TOML array
+    for bad, msg in [({"steps": "abc"}, "ep.steps: expected int, got 'abc'"),
+                     ({"steps": 3.5}, "ep.steps: expected int"), ({"steps": True}, "ep.steps: expected int"),
+                     ({"lr": "fast"}, "ep.lr: expected float"), ({"node_loss": 1}, "ep.node_loss: expected bool"),
+                     ({"edge_target": "x"}, "ep.edge_target: expected float | None"),
+                     ({"schedule": 1}, "ep.schedule: expected str"), ({"nosuch": 1}, "unknown ep hyperparameter")]:
+        with pytest.raises(UserError, match=re.escape(msg)):
+            ep.resolve_config("paper", bad, "gt")
+        with pytest.raises(UserError, match=re.escape(msg)):
+            ep(preset="paper", **bad)
+
+
+def test_resolving_a_config_needs_no_instance():
+    # the classmethod and an instance's config_for agree, for a plain method and an ensemble
+    from circuitbench.method import get_method
+    from circuitbench.tasks import get_task
+
+    for name, overrides in [("ep", {"steps": 9}), ("ensemble", {"member_config": {"eap-ig": {"steps": 3}}})]:
+        cls = get_method(name)
+        assert cls.resolve_config("quick", overrides, "ioi") == cls(preset="quick", **overrides).config_for(
+            get_task("ioi"))
 
 
 def write(tmp_path, text, name="sweep.toml"):

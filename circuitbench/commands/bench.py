@@ -9,16 +9,12 @@ import json
 
 from ..errors import UserError
 
-# target -> "module:function" in the circuitbench package
-TARGETS = {"engine": "bench:engine_benchmark", "methods": "bench_methods:methods_benchmark",
-           "ep-step": "bench_methods:ep_step_benchmark", "acdc-search": "bench_methods:acdc_search_benchmark"}
-# targets that run a real task's search: their own model default and options
-SEARCH_DEFAULT_MODEL = "smollm2-135m"
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmarks: ratios and absolute times measured in one run")
-    p.add_argument("target", choices=sorted(TARGETS), help="what to benchmark")
+    p.add_argument("target", help="what to benchmark: engine, or a benchmark the methods register (the built-in "
+                                  "ones: methods, ep-step, acdc-search)")
     p.add_argument("--model", help="model spec (default random:gpt2-small; acdc-search: smollm2-135m)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=20)
@@ -41,16 +37,18 @@ def run(args) -> int:
 
     if min(args.batch, args.seq, args.threads, args.repeats) < 1:
         raise UserError("--batch, --seq, --threads and --repeats must be positive")
-    module, name = TARGETS[args.target].split(":")
+    from ..bench import get_benchmark
     from ..models import resolve_device, resolve_dtype
 
+    bench = get_benchmark(args.target)
     resolve_device(args.device), resolve_dtype(args.dtype)  # clean errors before anything loads
-    fn = getattr(importlib.import_module(f"circuitbench.{module}"), name)
-    search = args.target == "acdc-search"
+    module, name = bench.target.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    search = bench.search
     extra = {"task": args.task, "n_train": args.n_train, "tau": args.tau, "save": args.save} if search else {}
     if search and args.n_train < 1:
         raise UserError("--n-train must be positive")
-    model = args.model or (SEARCH_DEFAULT_MODEL if search else "random:gpt2-small")
+    model = args.model or bench.default_model
     result = fn(model, args.batch, args.seq, args.threads, args.repeats,
                 memory=not args.no_memory, progress=not args.json, device=args.device, dtype=args.dtype,
                 checkpoint=args.checkpoint, **extra)

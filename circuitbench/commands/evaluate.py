@@ -17,6 +17,10 @@ def add_parser(sub):
     p.add_argument("--limit", type=int, help="score only the first N examples of the split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    p.add_argument("--n-train", type=int, help="training-set size the circuit's job used (default: the task's "
+                                               "own); the test split is drawn after train and validation")
+    p.add_argument("--n-validation", type=int, help="validation-set size the circuit's job used (default: the "
+                                                    "task's own)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--dtype", help="float32 (default), bfloat16, float16")
     p.add_argument("--no-references", action="store_true",
@@ -33,6 +37,9 @@ def run(args) -> int:
     from ..tasks import get_task
 
     task = get_task(args.task)
+    for flag, value in (("--n-train", args.n_train), ("--n-validation", args.n_validation)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
     spec = args.model or getattr(task, "default_model", None)
     if spec is None:
         raise UserError(f"--model is needed for task {task.name}")
@@ -40,7 +47,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     values = evaluate(model, task, args.circuit, split=args.split, batch_size=args.batch_size,
                       limit=args.limit, seed=args.seed, progress=not args.no_progress,
-                      references=not args.no_references)
+                      references=not args.no_references, n_train=args.n_train, n_validation=args.n_validation)
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps(values))

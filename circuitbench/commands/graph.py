@@ -19,9 +19,9 @@ def add_parser(sub):
 def run(args) -> int:
     from .. import models
 
-    name = args.model.strip().split(":", 1)[1] if args.model.strip().startswith("random:") else None
-    if name in models.RANDOM_SHAPES:  # the shape is enough: no weights (random:codellama-13b's are 26 GB)
-        g, family = models.random_graph(name), models.RANDOM_SHAPES[name][0]
+    spec = models.ModelSpec.parse(args.model)
+    if spec.known_random:  # the shape is enough: no weights (random:codellama-13b's are 26 GB)
+        g, family = models.random_graph(spec.name), models.RANDOM_SHAPES[spec.name][0]
     else:
         model = models.load_model(args.model)
         g, family = model.graph, model.family

@@ -50,6 +50,8 @@ def _circuit_meta(path: Path) -> dict:
 
 def edge_faithfulness(args) -> str:
     """Compute and store one study; returns a one-line description of what was stored."""
+    import pandas as pd
+
     from ..circuit import Circuit
     from ..errors import UserError
     from ..models import load_model
@@ -61,6 +63,7 @@ def edge_faithfulness(args) -> str:
     path = Path(source)
     run_id = None
     data_seed = args.data_seed
+    sizes = {}  # a stored run's split sizes: its circuit is measured on its job's test split
     if path.is_file():
         meta = _circuit_meta(path)
         model_spec, task_name = args.model or meta.get("model"), args.task or meta.get("task")
@@ -79,6 +82,7 @@ def edge_faithfulness(args) -> str:
             model_spec, task_name = args.model or row["model"], args.task or row["task"]
             if data_seed is None:
                 data_seed = int(row["data_seed"])
+            sizes = {k: None if pd.isna(row[k]) else int(row[k]) for k in ("n_train", "n_validation")}
             run_id, name = source, source
         finally:
             store.close()
@@ -108,7 +112,7 @@ def edge_faithfulness(args) -> str:
         circuit = Circuit.load(path, model.graph)
     seed = 0 if data_seed is None else data_seed
     result = ef.compute(model, task, circuit, limit=limit, batch_size=args.batch_size, seed=seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, **sizes)
     ef.record(args.results, result, circuit_name=name, run_id=run_id,
               circuit_file=str(path) if path.is_file() else None, task=task.name, model=model_spec,
               split="test", data_seed=seed, device=str(model.device))

@@ -25,6 +25,7 @@ Specs:
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,8 @@ QKV_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
 RANDOM_BIASES = {"neox": (".bias",), "gemma2": ("norm.weight",), "gemma3": ("norm.weight",)}
 EMBEDDED = ("smollm2-135m", "gemma3-270m")
 TRACR_PROGRAMS = ("xproportion", "reverse")
+# hub ids whose config is known offline: the random shape of the same published config
+KNOWN_CONFIGS = {"codellama/CodeLlama-13b-Instruct-hf": "codellama-13b", "codellama/CodeLlama-13b-hf": "codellama-13b"}
 SUPPORTED_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt_neox": "neox",
                    "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
 
@@ -353,28 +356,124 @@ def _hub_reachable(timeout=3.0) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model spec, read once: ``kind`` is "random", "tracr", "embedded" or "hub" (a Hugging Face
+    id or a local folder) and ``name`` names the model within its kind (``gpt2-tiny`` of
+    ``random:gpt2-tiny``; the spec itself otherwise). What a spec means is decided here: loading it
+    (`load`), checking it without loading weights (`check`), its transformers config (`config`)."""
+
+    spec: str
+    kind: str
+    name: str
+
+    @classmethod
+    def parse(cls, spec) -> "ModelSpec":
+        if not isinstance(spec, str) or not spec.strip():
+            raise UserError("model spec must be a non-empty string")
+        spec = spec.strip()
+        for kind in ("random", "tracr"):
+            if spec.startswith(kind + ":"):
+                return cls(spec, kind, spec.split(":", 1)[1])
+        return cls(spec, "embedded" if spec in EMBEDDED else "hub", spec)
+
+    @property
+    def known_random(self) -> bool:
+        """A random model of a named shape (`RANDOM_SHAPES`)."""
+        return self.kind == "random" and self.name in RANDOM_SHAPES
+
+    def check(self) -> None:
+        """Raise `UserError` for a spec that cannot be loaded, without loading any weights."""
+        spec = self.spec
+        if self.kind == "random":
+            if not self.known_random:
+                raise UserError(f"unknown model {spec!r}; random models: "
+                                f"{', '.join('random:' + n for n in RANDOM_SHAPES)}")
+            return
+        if self.kind == "tracr":
+            if self.name not in TRACR_PROGRAMS:
+                raise UserError(f"unknown model {spec!r}; Tracr programs: "
+                                f"{', '.join('tracr:' + n for n in TRACR_PROGRAMS)}")
+            return
+        if self.kind == "embedded":
+            return
+        path = os.path.expanduser(spec)
+        if os.path.isdir(path):
+            config_file = os.path.join(path, "config.json")
+            if not os.path.exists(config_file):
+                raise UserError(f"model folder {spec!r} has no config.json")
+            try:
+                with open(config_file) as f:
+                    model_type = json.load(f).get("model_type")
+            except (OSError, ValueError, AttributeError) as err:
+                raise UserError(f"model folder {spec!r}: config.json cannot be read ({err})") from None
+            check_family(model_type, spec)
+            return
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec, local_files_only=True)
+        except Exception:  # not in the cache: asked of the hub below
+            config = None
+        if config is not None:
+            check_family(config.model_type, spec)
+            return
+        if spec.startswith((".", "/", "~")):
+            raise UserError(f"unknown model {spec!r}: no such folder")
+        if not _hub_reachable():
+            raise UserError(f"unknown model {spec!r}: not a random:/tracr: spec, not an embedded model "
+                            f"({', '.join(EMBEDDED)}), not in the Hugging Face cache, and the hub "
+                            f"cannot be reached")
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"unknown model {spec!r}: {first}") from None
+        check_family(config.model_type, spec)
+
+    def config(self):
+        """The transformers config without loading weights, or None when it is unknown offline (a
+        Tracr program; a hub id not in the cache)."""
+        if self.spec in KNOWN_CONFIGS:
+            return random_config(KNOWN_CONFIGS[self.spec])
+        if self.kind == "random":
+            return random_config(self.name) if self.known_random else None
+        if self.spec == "smollm2-135m":
+            from transformers import LlamaConfig
+
+            return LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                               intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+        if self.kind == "tracr":
+            return None
+        try:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(os.path.expanduser(self.spec), local_files_only=True)
+        except Exception:  # not cached: None, as documented
+            return None
+
+    def load(self, device=None, dtype=None, seed: int = 0) -> "LoadedModel":
+        device = resolve_device(device if device is not None else "cpu")
+        dtype = resolve_dtype(dtype)
+        spec = self.spec
+        if self.kind == "random":
+            loader = _random_tokenizer_loader(self.name) if self.known_random else None
+            hf = _random_model(self.name, seed, device, dtype)
+            return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=loader)
+        if self.kind == "tracr":
+            if self.name not in TRACR_PROGRAMS:
+                raise UserError(f"unknown Tracr program {self.name!r}; choose one of "
+                                f"{', '.join('tracr:' + n for n in TRACR_PROGRAMS)}")
+            from ..tracr import load_tracr
+            adapter, tokenizer = load_tracr(self.name, device=device, dtype=dtype)
+            return LoadedModel(spec, adapter, None, device, dtype, _tokenizer=tokenizer)
+        if self.kind == "embedded":
+            hf, tok = embedded_module(spec).load(device=device, dtype=dtype)
+            return LoadedModel(spec, _adapter_for(_freeze(hf, device, dtype)), hf, device, dtype, _tokenizer=tok)
+        hf, tok_loader = _hub_model(spec, device, dtype)
+        return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=tok_loader)
+
+
 def load_model(spec: str, device=None, dtype=None, seed: int = 0) -> LoadedModel:
-    """Load a model spec (see the module docstring). Bad specs raise `UserError`."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError("model spec must be a non-empty string")
-    spec = spec.strip()
-    device = resolve_device(device if device is not None else "cpu")
-    dtype = resolve_dtype(dtype)
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        loader = _random_tokenizer_loader(name) if name in RANDOM_SHAPES else None
-        hf = _random_model(name, seed, device, dtype)
-        return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=loader)
-    if spec.startswith("tracr:"):
-        name = spec.split(":", 1)[1]
-        if name not in TRACR_PROGRAMS:
-            raise UserError(f"unknown Tracr program {name!r}; choose one of "
-                            f"{', '.join('tracr:' + n for n in TRACR_PROGRAMS)}")
-        from ..tracr import load_tracr
-        adapter, tokenizer = load_tracr(name, device=device, dtype=dtype)
-        return LoadedModel(spec, adapter, None, device, dtype, _tokenizer=tokenizer)
-    if spec in EMBEDDED:
-        hf, tok = embedded_module(spec).load(device=device, dtype=dtype)
-        return LoadedModel(spec, _adapter_for(_freeze(hf, device, dtype)), hf, device, dtype, _tokenizer=tok)
-    hf, tok_loader = _hub_model(spec, device, dtype)
-    return LoadedModel(spec, _adapter_for(hf), hf, device, dtype, _tokenizer_loader=tok_loader)
+    """Load a model spec (see the module docstring and `ModelSpec`). Bad specs raise `UserError`."""
+    return ModelSpec.parse(spec).load(device, dtype, seed)

@@ -69,8 +69,11 @@ COLUMNS = ("study_id", "circuit_name", "run_id", "circuit_file", "task", "model"
 
 
 def compute(model, task, circuit, split: str = "test", limit: int | None = DEFAULT_LIMIT, batch_size: int = 32,
-            seed: int = 0, progress: bool = True) -> dict:
-    """Both losses for every edge of ``circuit`` (a `Circuit` over ``model``'s graph).
+            seed: int = 0, progress: bool = True, n_train: int | None = None,
+            n_validation: int | None = None) -> dict:
+    """Both losses for every edge of ``circuit`` (a `Circuit` over ``model``'s graph), on ``split`` of
+    the data built with ``seed`` and the split sizes ``n_train``, ``n_validation`` (a stored run's:
+    its job's; None: the task's own).
 
     Returns ``{"edges": [names], "model_without": [..], "circuit_without": [..], "circuit_loss": float,
     "n_examples": int, "loss": "kl"|"mse"}``. Cost: 2 masked passes per edge and batch, plus one.
@@ -79,12 +82,13 @@ def compute(model, task, circuit, split: str = "test", limit: int | None = DEFAU
     from tqdm.auto import tqdm
 
     from ..engine import MaskedModel
+    from ..tasks.base import DataSpec
 
     if circuit.graph != model.graph:
         raise UserError("the circuit is over a different graph than the model's")
     if circuit.n_edges == 0:
         raise UserError("the circuit has no edges; nothing to measure")
-    splits = task.build(model.tokenizer, seed=seed)
+    splits = DataSpec(seed, n_train, n_validation).build(task, model.tokenizer)
     examples = splits.split(split) if limit is None else splits.head(split, limit)
     if len(examples) == 0:
         raise UserError(f"task {task.name} has no {split} examples for this model")

@@ -210,6 +210,23 @@ class Splits:
         return f"Splits({', '.join(parts)}, variant={self.variant!r})"
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """A job's data: a task's splits built with ``seed`` and the sizes the job used (``n_train``,
+    ``n_validation``; None: the task's own). The one way the harness builds a job's examples: the
+    runner, `circuitbench.evaluate`, the report's edge faithfulness and the case study all go through
+    it, so a circuit is scored on the test split its job held out (test examples are drawn after
+    train and validation, so the sizes take part in deciding them)."""
+
+    seed: int = 0
+    n_train: int | None = None
+    n_validation: int | None = None
+
+    def build(self, task: "Task", tokenizer) -> Splits:
+        sizes = {"validation": self.n_validation} if self.n_validation is not None else None
+        return task.build(tokenizer, seed=self.seed, n_train=self.n_train, sizes=sizes)
+
+
 class Task(ABC):
     """A behaviour to find a circuit for: data plus the way a circuit is judged on it."""
 

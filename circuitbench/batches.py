@@ -1,11 +1,12 @@
-"""What every method needs from a training split: batches prepared for the engine.
+"""Batch preparation for methods (public API): a training split as batches prepared for the engine.
 
 A `BatchPlan` splits a split into a fixed, seeded partition of batches and prepares each one for the
 engine: the corrupted cache (one corrupted pass), the full model's logits at the scored positions
 (one plain pass) and, for ACDC, the full model's writer stack. Methods that loop over the data many
 times keep what fits in ``cache_mib``: the full model's logits first (small: the scored positions
 only), then the corrupted caches and writer stacks (large: every token of every writer); what does
-not fit is recomputed on every use.
+not fit is recomputed on every use. Also the small helpers every method shares: `valid_float`,
+`check_sparsities`, `progress_bar`.
 """
 from __future__ import annotations
 

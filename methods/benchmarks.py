@@ -37,7 +37,7 @@ plain step, each measured in a fresh process. Every ratio comes with the absolut
 
 `ep_step_benchmark` (``circuitbench bench ep-step``) measures one Edge Pruning step of any model in
 absolute terms: seconds per step, peak memory (CUDA: allocated device memory, weights included) and
-`circuitbench.distributed.estimate_memory`'s estimate for the same batch, length, dtype and
+`circuitbench.costs.estimate_memory`'s estimate for the same batch, length, dtype and
 gradient checkpointing, e.g. ``random:codellama-13b`` at the case study's batch 1 in bfloat16.
 """
 from __future__ import annotations
@@ -48,10 +48,10 @@ import sys
 
 import torch
 
-from . import metrics
-from .bench import _setup, _step_fn, hardware, measure_peak_mib, setup_source, timed
-from .precision import MixedPrecisionAdapter
-from .tasks.base import Examples, Task
+from circuitbench import metrics
+from circuitbench.bench import setup, step_fn, hardware, measure_peak_mib, setup_source, timed
+from circuitbench.precision import MixedPrecisionAdapter
+from circuitbench.tasks.base import Examples, Task
 
 
 class _BenchTask(Task):
@@ -95,10 +95,10 @@ def _ep_runs(mm, task, examples, keep_corrupted, steps, warmup=False):
     ``keep_corrupted=False`` leaves too little cache memory for the corrupted activations, so every
     step redoes the corrupted pass. ``warmup``: one untimed 1-step run first (lazy initialisation,
     e.g. CUDA's libraries, would otherwise fall into the first timed run)."""
-    from methods._common import BatchPlan
-    from methods.edge_pruning import EdgePruning
+    from circuitbench.batches import BatchPlan
+    from .edge_pruning import EdgePruning
 
-    from .method import CostMeter
+    from circuitbench.method import CostMeter
 
     probe = BatchPlan(mm, task, examples, len(examples), CostMeter(mm.device), cache_mib=0.0)
     cache_mib = float("inf") if keep_corrupted else probe.reference_mib() * 1.01 + 1e-6
@@ -130,9 +130,9 @@ def _ep_step_fn(mm, task, examples, keep_corrupted):
 
 
 def _eap_fn(mm, task, examples):
-    from methods.eap import attribution_scores
+    from .eap import attribution_scores
 
-    from .method import CostMeter
+    from circuitbench.method import CostMeter
 
     def run():
         attribution_scores(mm, task, examples, len(examples), [1.0], CostMeter(mm.device), progress=False)
@@ -151,10 +151,10 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
     divided by its copies (every copy decided: a run of accepted trials). ``slots``: measure only
     these read slots (default: every one). On a mixed-precision engine (`circuitbench.precision`)
     the trials run in PAHQ's precision layout (`Trials` sets the focus)."""
-    from methods._common import BatchPlan
-    from methods.acdc import Trials, _reader_order
+    from circuitbench.batches import BatchPlan
+    from .acdc import Trials, _reader_order
 
-    from .method import CostMeter
+    from circuitbench.method import CostMeter
 
     g = mm.graph
     meter = CostMeter(mm.device)
@@ -201,22 +201,22 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
 
 def _acdc_default_width() -> int:
     """ACDC's default batched-trial width, from the method registry (the harness imports no method)."""
-    from .method import get_method
+    from circuitbench.method import get_method
 
     return int(get_method("acdc").Config.trial_batch)
 
 
 def _acdc_low_dtype() -> str:
     """ACDC's default PAHQ low precision, from the method registry."""
-    from .method import get_method
+    from circuitbench.method import get_method
 
     return str(get_method("acdc").Config.low_dtype)
 
 
 def _pahq_engine(model):
     """An engine on ``model`` with PAHQ's mixed precision at ACDC's default low precision."""
-    from .engine import MaskedModel
-    from .precision import mixed_precision
+    from circuitbench.engine import MaskedModel
+    from circuitbench.precision import mixed_precision
 
     return MaskedModel(mixed_precision(model, _acdc_low_dtype()))
 
@@ -246,22 +246,22 @@ def _acdc_trial_peak_fn(model, mm, task, examples, precision, width, clean):
 
 def _acdc_peak_mib(spec, batch, seq, threads, precision, width, device="cpu", dtype=None) -> float:
     """Peak memory of ACDC's batched trials at one slot (MiB), in a fresh process (`_acdc_trial_peak_fn`)."""
-    from .bench import peak_mib_in_fresh_process
+    from circuitbench.bench import peak_mib_in_fresh_process
 
     return peak_mib_in_fresh_process(threads, (
         setup_source(spec, batch, seq, device, dtype, False) + ";"
-        "from circuitbench.bench_methods import _BenchTask,_examples,_acdc_trial_peak_fn;"
+        "from methods.benchmarks import _BenchTask,_examples,_acdc_trial_peak_fn;"
         f"s=_acdc_trial_peak_fn(m,mm,_BenchTask(),_examples(c.cpu(),x.cpu(),m.hf_model.config.vocab_size),"
         f"{precision!r},{int(width)},c)"), device)
 
 
 def _ep_peak_mib(spec, batch, seq, threads, device="cpu", dtype=None, checkpoint=False) -> float:
     """Peak memory of one Edge Pruning step (MiB), after a first step has built its state."""
-    from .bench import peak_mib_in_fresh_process
+    from circuitbench.bench import peak_mib_in_fresh_process
 
     return peak_mib_in_fresh_process(threads, (
         setup_source(spec, batch, seq, device, dtype, checkpoint) + ";"
-        "from circuitbench.bench_methods import _BenchTask,_examples,_ep_step_fn;"
+        "from methods.benchmarks import _BenchTask,_examples,_ep_step_fn;"
         "s=_ep_step_fn(mm,_BenchTask(),_examples(c.cpu(),x.cpu(),m.hf_model.config.vocab_size),True);"
         "s()"), device)
 
@@ -270,7 +270,7 @@ def _bench_setup(spec, batch, seq, threads, device, dtype, checkpoint):
     """(hardware info, model, masked model, clean, corrupted, task, examples) for a benchmark."""
     info = hardware(device, dtype, checkpoint)
     torch.set_num_threads(threads)
-    model, mm, clean, corrupted = _setup(spec, batch, seq, device=info["device"], dtype=dtype, checkpoint=checkpoint)
+    model, mm, clean, corrupted = setup(spec, batch, seq, device=info["device"], dtype=dtype, checkpoint=checkpoint)
     examples = _examples(clean.cpu(), corrupted.cpu(), model.hf_model.config.vocab_size)
     return info, model, mm, clean, corrupted, _BenchTask(), examples
 
@@ -288,8 +288,8 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
 
     # Each method's time is paired with baseline steps timed right before it, and ratios are the
     # medians of the paired ratios: load from other processes drifts, and pairs cancel most of it.
-    plain_step = _step_fn("plain", model, mm, clean, corrupted)
-    frozen_step = _step_fn("plain_frozen", model, mm, clean, corrupted)
+    plain_step = step_fn("plain", model, mm, clean, corrupted)
+    frozen_step = step_fn("plain_frozen", model, mm, clean, corrupted)
 
     def plain():  # the two baselines differ in whether the weights take gradients
         hf.requires_grad_(True)
@@ -354,9 +354,9 @@ def methods_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
         "acdc_pahq_over_float32": pahq / batched,
     }
     if memory:
-        from .bench import _peak_rss_mib
+        from circuitbench.bench import peak_rss_mib
 
-        result["plain_peak_mib"] = _peak_rss_mib(spec, batch, seq, threads, "plain", dev, dtype, checkpoint)
+        result["plain_peak_mib"] = peak_rss_mib(spec, batch, seq, threads, "plain", dev, dtype, checkpoint)
         result["ep_step_peak_mib"] = _ep_peak_mib(spec, batch, seq, threads, dev, dtype, checkpoint)
         result["memory_ep_over_plain"] = result["ep_step_peak_mib"] / max(result["plain_peak_mib"], 1e-9)
         for name, precision in (("acdc_batched_trial_peak_mib", "float32"),
@@ -387,10 +387,10 @@ def acdc_search_benchmark(spec="smollm2-135m", batch=32, seq=20, threads=1, repe
     import os
     import time
 
-    from .engine import MaskedModel
-    from .method import get_method
-    from .models import load_model
-    from .tasks import get_task
+    from circuitbench.engine import MaskedModel
+    from circuitbench.method import get_method
+    from circuitbench.models import load_model
+    from circuitbench.tasks import get_task
 
     info = hardware(device, dtype, False)
     torch.set_num_threads(threads)
@@ -444,11 +444,12 @@ def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
     (1 + ``repeats``)-step run of the method after an untimed warm-up run; ``setup_s``: the first run's preparation (corrupted
     pass and the full model's logits). ``peak_step_mib``: the longer run's peak above the memory
     held before it (the loaded model); ``peak_total_mib``: with the weights (CUDA: the allocator's
-    peak; CPU: weights + step peak). ``estimate_*``: `circuitbench.distributed.estimate_memory` for
+    peak; CPU: weights + step peak). ``estimate_*``: `circuitbench.costs.estimate_memory` for
     one device at this batch, length, dtype and checkpointing. ``memory`` is accepted for the
     common signature; memory is always measured here (in this process).
     """
-    from .distributed import config_for_spec, estimate_memory
+    from circuitbench.costs import estimate_memory
+    from circuitbench.models import ModelSpec
 
     info, model, mm, clean, corrupted, task, examples = _bench_setup(spec, batch, seq, threads, device, dtype,
                                                                      checkpoint)
@@ -464,7 +465,7 @@ def ep_step_benchmark(spec="random:gpt2-small", batch=32, seq=20, threads=2, rep
               "parameters": sum(p.numel() for p in model.hf_model.parameters()), "weights_mib": weights / 2**20,
               "ep_step_s": step_s, "setup_s": costs[0].wall_s.get("setup", float("nan")),
               "peak_step_mib": peak_step, "peak_total_mib": peak_total}
-    config = config_for_spec(spec) or model.hf_model.config
+    config = ModelSpec.parse(spec).config() or model.hf_model.config
     try:
         est = estimate_memory(config, 1, batch, seq, info["dtype"], checkpoint)
     except Exception as err:  # a config the estimate cannot read: report the measurement alone
