@@ -207,25 +207,43 @@ def planned_passes_for(method: str, cfg: dict, n_train: int, n_edges: int | None
 
 
 def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
-    """From complete jobs: wall times by exact configuration, and seconds per example-forward
-    (wall / ((forward + 2 backward) x batch size)) by (method, model, device type)."""
+    """From complete jobs: wall times by exact configuration, and seconds per example of one
+    *planned* pass by (method, model, device type): training wall time (the job's wall less its
+    circuits' evaluation) / ((forward + 2 backward) x batch size), forward and backward as
+    `planned_passes_for` counts them for that job. Dividing by the planned count, not the passes
+    the job recorded, calibrates a count that is only an upper bound: ACDC's one trial per edge
+    (its searches try far fewer; readers cut off from the output are skipped, and a batched pass
+    holds several trials), Edge Pruning's steps when the stopping rule ends stages early. A job
+    whose method is no longer registered falls back to its recorded passes."""
     by_config, per_example = {}, {}
     if store is None:
         return by_config, per_example
     df = store.runs()
     if not len(df):
         return by_config, per_example
+    eval_by_job = df.groupby("job_id")["eval_s"].sum(min_count=1).to_dict()
+    rows_by_job = df.groupby("job_id").size().to_dict()
     for row in df.drop_duplicates("job_id").to_dict(orient="records"):
         cfg = json.loads(row["config"])
+        method_cfg = cfg.get("method_config") or {}
         dev = str(row["device"]).split(":")[0]
-        key = (row["method"], json.dumps(cfg.get("method_config"), sort_keys=True), row["task"], row["model"],
+        key = (row["method"], json.dumps(method_cfg, sort_keys=True), row["task"], row["model"],
                row["n_train"], dev)
-        by_config.setdefault(key, []).append(float(row["wall_total_s"]))
-        fe = (row["forward_passes"] or 0) + 2 * (row["backward_passes"] or 0)
-        batch = max(1, min(int((cfg.get("method_config") or {}).get("batch_size") or 32), int(row["n_train"])))
-        if fe > 0 and row["wall_total_s"]:
-            per_example.setdefault((row["method"], row["model"], dev), []).append(
-                float(row["wall_total_s"]) / (fe * batch))
+        wall = float(row["wall_total_s"] or 0.0)
+        by_config.setdefault(key, []).append(wall)
+        # a job trained for one target (independent runs) or for each of its circuits (a path, a search)
+        n_sp = 1 if cfg.get("target_sparsity") is not None else int(rows_by_job.get(row["job_id"], 1))
+        n_edges = int(row["total_edges"]) if row.get("total_edges") else None
+        try:
+            fwd, bwd, batch, _ = planned_passes_for(row["method"], method_cfg, int(row["n_train"]), n_edges, n_sp)
+        except UserError:
+            fwd, bwd = float(row["forward_passes"] or 0), float(row["backward_passes"] or 0)
+            batch = max(1, min(int(method_cfg.get("batch_size") or 32), int(row["n_train"])))
+        fe = fwd + 2 * bwd
+        evaluated = eval_by_job.get(row["job_id"])
+        train_wall = wall - (float(evaluated) if evaluated == evaluated and evaluated is not None else 0.0)
+        if fe > 0 and train_wall > 0:
+            per_example.setdefault((row["method"], row["model"], dev), []).append(train_wall / (fe * batch))
         if row.get("eval_s") and row.get("n_examples"):
             # an evaluation batch is three passes: reference, corrupted and masked
             per_example.setdefault(("evaluate", row["model"], dev), []).append(
@@ -264,7 +282,7 @@ def estimate_plan(plan, store: ResultsStore | None, probe: bool = False) -> tupl
             ``backward``: the pass is part of such a step)."""
             rates = per_example.get((kind, item.model, dev))
             if rates:
-                return float(np.median(rates)) * batch, "measured (stored jobs)"
+                return float(np.median(rates)) * batch, "measured (stored jobs, per planned pass)"
             probed = probe_pass_s(item.model, item.task, plan.device, plan.dtype, batch) if probe else None
             if probed is not None:
                 forward, step = probed

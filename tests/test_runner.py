@@ -444,3 +444,29 @@ def test_model_spec_is_read_in_one_place():
     with pytest.raises(UserError, match="Tracr programs"):
         ModelSpec.parse("tracr:nope").check()
     assert ModelSpec.parse("random:gpt2-tiny").config().n_layer == 2
+
+
+def test_dry_run_calibrates_an_upper_bound_count_from_stored_jobs(tmp_path):
+    """ACDC's planned count (one trial per edge) is an upper bound; a stored search tries far fewer.
+    The estimate for another ACDC job on the same model takes the stored job's training time per
+    *planned* pass, so a job of the same size is estimated at the stored job's training time (plus
+    its circuits' evaluation), not at the upper bound times the time of one trial."""
+    from circuitbench import costs, runner
+
+    flags = dict(methods="acdc", sparsities="0.9", n_train="4")
+    s = run_sweep(sweep(**flags), results=str(tmp_path), progress=False)
+    assert s.recorded_jobs == 1 and not s.failed_jobs
+    store = ResultsStore(tmp_path)
+    row = store.runs().iloc[0]
+    trained = float(row["wall_total_s"]) - float(row["eval_s"])
+    other = sweep(**flags, method_config={"acdc": {"taus": [0.5]}})  # another configuration, same count
+    jobs, refs, _ = runner.validate(other, "cpu", "float32")
+    plan = runner.make_plan(jobs, refs, store, "cpu", "float32", False, None)
+    _, per_unit = costs.estimate_plan(plan, store, probe=False)
+    unit, secs, how = next(u for u in per_unit if u[0].kind == "job")
+    assert "per planned pass" in how
+    _, per_example = costs._measured_rates(store)
+    eval_s = secs - trained
+    assert 0 < eval_s < 3 * float(row["eval_s"]) + 1  # the rest is the evaluation's estimate
+    fwd, bwd, batch, _ = costs.planned_passes(unit.job, int(row["total_edges"]))
+    assert fwd * batch * per_example[("acdc", "random:gpt2-tiny", "cpu")][0] == pytest.approx(trained)
