@@ -351,6 +351,8 @@ class JobSpec:
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "job_id", config_hash(config))
 
+    derived_from = ()  # a discovery: built from no stored run (see `DerivedSpec`)
+
     @property
     def data(self):
         """The job's data (`circuitbench.tasks.base.DataSpec`): its seed and split sizes."""
@@ -367,6 +369,42 @@ class JobSpec:
     def label(self) -> str:
         s = f" s={self.target_sparsity:g}" if self.target_sparsity is not None else f" x{len(self.sparsities)} sparsities"
         return f"{self.method} {self.task} {self.model} n={self.n_train} seed={self.seed}{s}"
+
+
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A job whose circuit is built from stored runs instead of discovered (the case study's
+    intersection, ``method="intersection"``): the runs it is built from (``derived_from``), where
+    it is evaluated, and the fields of its row copied from the jobs it derives from. Its id hashes
+    ``{method}_of`` (the run ids), task, model, dtype, device, eval_limit and data seed."""
+
+    method: str
+    derived_from: tuple[str, ...]
+    task: str
+    model: str
+    dtype: str
+    device: str
+    eval_limit: int | None
+    data_seed: int
+    method_preset: str | None = None
+    n_train: int | None = None
+    n_validation: int | None = None
+    seed: int | None = None
+    target_sparsity: float | None = None
+    method_config: dict = field(default_factory=dict)
+    config: dict = field(init=False, repr=False, compare=False)
+    job_id: str = field(init=False, compare=False)
+
+    def __post_init__(self):
+        config = {"v": HASH_VERSION, "method": self.method, f"{self.method}_of": list(self.derived_from),
+                  "task": self.task, "model": self.model, "dtype": self.dtype, "device": self.device,
+                  "eval_limit": self.eval_limit, "data_seed": self.data_seed}
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "job_id", config_hash(config))
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} of {' and '.join(self.derived_from)}"
 
 
 @dataclass

@@ -75,6 +75,10 @@ def test_smoke_case_study_writes_the_table_2_rows(tmp_path):
         inter = store.circuit(summary["intersection_run"])
         assert torch.equal(inter.edges, a.edges & b.edges) and summary["overlap"] == inter.n_edges
         assert summary["chance_overlap"] == pytest.approx(a.n_edges * b.n_edges / a.graph.n_edges)
+        # the report knows the intersection by the store's explicit field, not by its config
+        derived = store.runs().set_index("run_id")["derived_from"]
+        assert derived[summary["intersection_run"]] == (summary["ip_run"], summary["fs_run"])
+        assert derived[summary["ip_run"]] is None
         counts = store.counts()
     finally:
         store.close()
