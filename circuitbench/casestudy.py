@@ -84,19 +84,28 @@ def default_hardware(device: str | None, dtype: str | None, checkpoint: bool | N
 def case_study_sweep(model: str, preset: str = "quick", steps: int | None = None, n_train: int | None = None,
                      limit: int | None = None, results: str | None = None, dtype: str | None = None,
                      checkpoint: bool = False, seed: int = 0, data_seed: int = 0, eval_batch_size: int = 32):
-    """The `Sweep` of the case study's two discovery jobs (Edge Pruning on boolexpr-ip and -fs)."""
-    from .sweep import Sweep
+    """The `Sweep` of the case study's two discovery jobs (Edge Pruning on boolexpr-ip and -fs).
 
-    settings = ep_settings(preset, steps, checkpoint)
+    The case study's preset is a layer of the sweep named ``case-study preset NAME`` (Edge
+    Pruning's settings, training and test sizes), in the place of a sweep preset: the values given
+    here (``steps``, ``n_train``, ``limit``) are the command line's, above it, and the runner
+    prints what each changes (`Sweep.override_lines`)."""
+    from .sweep import Sweep, source_from_mapping
+
+    ep_settings(preset, steps, checkpoint)  # checks the preset and the steps
     p = PRESETS[preset]
-    n_train = p.n_train if n_train is None else n_train
-    limit = p.eval_limit if limit is None else limit
+    preset_values = {"method_preset": preset, "method_config": {"ep": ep_settings(preset, None, checkpoint)},
+                     "description": f"case study boolexpr IP vs FS ({preset})"}
+    if p.n_train is not None:
+        preset_values["n_train"] = [p.n_train]
+    if p.eval_limit is not None:
+        preset_values["eval_limit"] = p.eval_limit
     flags = {"methods": ["ep"], "tasks": [IP_TASK, FS_TASK], "models": [model], "sparsities": [LABEL_SPARSITY],
              "n_train": None if n_train is None else [n_train], "seeds": [seed], "data_seed": data_seed,
-             "method_preset": preset, "method_config": {"ep": settings}, "eval_limit": limit,
-             "eval_batch_size": eval_batch_size, "results": results, "dtype": dtype,
-             "description": f"case study boolexpr IP vs FS ({preset})"}
-    return Sweep.build(flags=flags)
+             "eval_limit": limit, "eval_batch_size": eval_batch_size, "results": results, "dtype": dtype}
+    if steps is not None:
+        flags["method_config"] = {"ep": {"steps": steps, "ramp_steps": max(1, steps * 5 // 6)}}
+    return Sweep.build(flags=flags, layers=(source_from_mapping(preset_values, f"case-study preset {preset}"),))
 
 
 def chance_overlap(n_a: int, n_b: int, n_total: int) -> float:

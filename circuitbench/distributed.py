@@ -174,6 +174,8 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
         todo = [j.job_id for j in jobs if status.get(j.job_id) != "complete"]
         print(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already complete in {results}; running "
               f"{len(todo)} over {dp.world_size} processes", file=out, flush=True)
+        for line in sweep.override_lines(jobs):  # as `circuitbench run` prints them
+            print(f"override: {line}", file=out, flush=True)
     box = [todo]
     dist.broadcast_object_list(box, src=0)
     todo = set(box[0])

@@ -275,6 +275,17 @@ def _finite(value):
 _V1_ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")], "runs": [("n_effective", "INTEGER")]}
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection):
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
     """Bring the schema of ``conn`` (inside the caller's write transaction, or an in-memory copy)
     from ``version`` to `SCHEMA_VERSION`. Version 0: an empty database gets the whole schema."""
@@ -334,9 +345,14 @@ class ResultsStore:
             return self._conn
         try:
             if self.readonly:
-                conn = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True,
-                                       timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                # A plain connection that refuses writes (query_only, below) when the folder takes
+                # files: the last one to close removes SQLite's -wal and -shm files, as a writer's
+                # does. SQLite's read-only mode (a read-only folder) would leave them behind.
+                writable = os.access(self.db_path, os.W_OK) and os.access(self.db_path.parent, os.W_OK)
+                target = self.db_path if writable else f"{self.db_path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(target, uri=not writable, timeout=BUSY_TIMEOUT_S, isolation_level=None)
                 conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA query_only = ON")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
             else:
                 conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -356,8 +372,9 @@ class ResultsStore:
                 conn.backup(memory)
                 conn.close()
                 conn = memory
-                _migrate(conn, version)
-            conn.execute("PRAGMA query_only = ON")
+                with _transaction(conn):
+                    _migrate(conn, version)
+                conn.execute("PRAGMA query_only = ON")
             self._conn, self._pid = conn, os.getpid()
             return conn
         if mode.lower() != "wal":

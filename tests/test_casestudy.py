@@ -32,6 +32,12 @@ def test_sweep_has_one_edge_pruning_job_per_setting():
     assert all(j.method == "ep" and j.sparsities == (LABEL_SPARSITY,) and j.n_train == 4 for j in jobs)
     assert all(j.method_config["edge_target"] == 1.2 and j.method_config["steps"] == 3 for j in jobs)
     assert len(refs) == 2
+    # the case study's preset is a named layer of the sweep; what it and --steps change is said
+    assert "(settings: defaults < case-study preset smoke < command line)" in sweep.describe()
+    lines = sweep.override_lines(jobs)
+    assert "edge_target None -> 1.2" in lines[0] and lines[0].endswith("[case-study preset smoke] on boolexpr-ip, "
+                                                                       "boolexpr-fs")
+    assert "steps 8 -> 3" in lines[1] and "[command line]" in lines[1]
 
 
 def test_chance_overlap():
