@@ -16,6 +16,9 @@ before any work starts, skips what the store already holds, and executes the res
   `ResultsStore.record` (circuit files, then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
+  Derived steps after a sweep (the case study's cross evaluations and intersection,
+  `circuitbench.casestudy.derive`; edge faithfulness, `circuitbench.faithfulness`) return typed
+  results too, recorded the same way.
 - **Execution** goes through joblib: in this process by default (joblib's sequential backend),
   ``jobs=N`` local worker processes (loky), or ``backend="dask"``/``"ray"`` to an existing
   cluster through joblib's backends (optional extras). Jobs timed on a GPU run one at a time so
