@@ -7,10 +7,15 @@ full-model / empty-circuit references). Then it
 
 * evaluates each circuit in the other setting and stores that under split ``test@<other task>``;
 * builds their intersection, evaluates it in both settings and stores it as a *derived* job
-  (method ``intersection``, config ``{"intersection_of": [ip_run_id, fs_run_id]}``), as the
-  report's table 2 expects (`circuitbench.report.tables`);
+  (method ``intersection``; the store's ``jobs.derived_from`` names the two runs), as the report's
+  table 2 expects (`circuitbench.report.tables`);
 * compares the overlap with the overlap two random edge sets of those sizes would have,
   |IP|·|FS|/N (N = the model's edges).
+
+The pipeline is the runner's: the sweep's jobs run through `circuitbench.runner.run_sweep`; the
+derived step (`derive`) reads nothing from the store and returns typed results
+(`circuitbench.result`: a `RunMetricsResult` per cross evaluation, a `JobResult` of a
+`DerivedSpec` for the intersection), which `_finish` records with `ResultsStore.record`.
 
 Everything is resumable: a rerun skips discovered jobs, stored cross evaluations and a stored
 intersection. ``circuitbench report`` then rebuilds the table from the store alone.
@@ -79,19 +84,28 @@ def default_hardware(device: str | None, dtype: str | None, checkpoint: bool | N
 def case_study_sweep(model: str, preset: str = "quick", steps: int | None = None, n_train: int | None = None,
                      limit: int | None = None, results: str | None = None, dtype: str | None = None,
                      checkpoint: bool = False, seed: int = 0, data_seed: int = 0, eval_batch_size: int = 32):
-    """The `Sweep` of the case study's two discovery jobs (Edge Pruning on boolexpr-ip and -fs)."""
-    from .sweep import Sweep
+    """The `Sweep` of the case study's two discovery jobs (Edge Pruning on boolexpr-ip and -fs).
 
-    settings = ep_settings(preset, steps, checkpoint)
+    The case study's preset is a layer of the sweep named ``case-study preset NAME`` (Edge
+    Pruning's settings, training and test sizes), in the place of a sweep preset: the values given
+    here (``steps``, ``n_train``, ``limit``) are the command line's, above it, and the runner
+    prints what each changes (`Sweep.override_lines`)."""
+    from .sweep import Sweep, source_from_mapping
+
+    ep_settings(preset, steps, checkpoint)  # checks the preset and the steps
     p = PRESETS[preset]
-    n_train = p.n_train if n_train is None else n_train
-    limit = p.eval_limit if limit is None else limit
+    preset_values = {"method_preset": preset, "method_config": {"ep": ep_settings(preset, None, checkpoint)},
+                     "description": f"case study boolexpr IP vs FS ({preset})"}
+    if p.n_train is not None:
+        preset_values["n_train"] = [p.n_train]
+    if p.eval_limit is not None:
+        preset_values["eval_limit"] = p.eval_limit
     flags = {"methods": ["ep"], "tasks": [IP_TASK, FS_TASK], "models": [model], "sparsities": [LABEL_SPARSITY],
              "n_train": None if n_train is None else [n_train], "seeds": [seed], "data_seed": data_seed,
-             "method_preset": preset, "method_config": {"ep": settings}, "eval_limit": limit,
-             "eval_batch_size": eval_batch_size, "results": results, "dtype": dtype,
-             "description": f"case study boolexpr IP vs FS ({preset})"}
-    return Sweep.build(flags=flags)
+             "eval_limit": limit, "eval_batch_size": eval_batch_size, "results": results, "dtype": dtype}
+    if steps is not None:
+        flags["method_config"] = {"ep": {"steps": steps, "ramp_steps": max(1, steps * 5 // 6)}}
+    return Sweep.build(flags=flags, layers=(source_from_mapping(preset_values, f"case-study preset {preset}"),))
 
 
 def chance_overlap(n_a: int, n_b: int, n_total: int) -> float:
@@ -134,94 +148,118 @@ def _print_memory(model, dtype, checkpoint, out):
 
 
 def _finish(sweep, results, device, dtype, eval_batch_size, progress, out) -> dict:
-    from .workbench import device_name, library_versions, model_and_engine
-    from .store import ResultsStore, now_iso, run_id_for
-    from .sweep import HASH_VERSION, config_hash
-    from .tasks import get_task
+    """The derived step after the sweep: read the two circuits from the store, run `derive` and
+    record what it returns (`ResultsStore.record`), then summarise from the store."""
+    from .store import ResultsStore, run_id_for
+    from .workbench import model_and_engine
 
     jobs, _ = sweep.plan(device=device.split(":")[0], dtype=dtype)
     by_task = {j.task: j for j in jobs}
-    ip_job, fs_job = by_task[IP_TASK], by_task[FS_TASK]
-    ip_run, fs_run = run_id_for(ip_job.job_id, LABEL_SPARSITY), run_id_for(fs_job.job_id, LABEL_SPARSITY)
-    limit, data_seed = ip_job.eval_limit, ip_job.data_seed
+    ip_run = run_id_for(by_task[IP_TASK].job_id, LABEL_SPARSITY)
+    fs_run = run_id_for(by_task[FS_TASK].job_id, LABEL_SPARSITY)
     store = ResultsStore(results)
     try:
-        model, _ = model_and_engine(ip_job.model, device, dtype)
-        tasks = {IP_TASK: get_task(IP_TASK), FS_TASK: get_task(FS_TASK)}
         circuits = {IP_TASK: store.circuit(ip_run), FS_TASK: store.circuit(fs_run)}
+        inter = intersection_spec(by_task, device, dtype)
         have = store.metrics(split=[f"test@{FS_TASK}", f"test@{IP_TASK}"])
-        have = set(zip(have["run_id"], have["split"]))
-
-        tests: dict = {}
-
-        def evaluate_in(task_name, circuit):
-            from .evaluate import evaluate
-
-            if task_name not in tests:  # the test split the runner evaluates on (built as the job's data), once
-                splits = by_task[task_name].data.build(tasks[task_name], model.tokenizer)
-                tests[task_name] = splits.split("test") if limit is None else splits.head("test", limit)
-            values = evaluate(model, tasks[task_name], circuit, batch_size=eval_batch_size,
-                              examples=tests[task_name], progress=progress)
-            n = int(values.pop("n_examples"))
-            return {k: float(v) for k, v in values.items()}, n
-
-        # each circuit in the other setting
-        for own, other, run_id in ((IP_TASK, FS_TASK, ip_run), (FS_TASK, IP_TASK, fs_run)):
-            split = f"test@{other}"
-            if (run_id, split) in have:
-                continue
-            values, _ = evaluate_in(other, circuits[own])
-            store.add_metrics(run_id, split, values)
-            print(f"evaluated the {own} circuit on {other}", file=out, flush=True)
-
-        # the intersection, as a derived job
-        graph = model.graph
-        a, b = circuits[IP_TASK], circuits[FS_TASK]
-        inter = a & b
-        overlap, n_total = inter.n_edges, graph.n_edges
-        chance = chance_overlap(a.n_edges, b.n_edges, n_total)
-        config = {"v": HASH_VERSION, "method": "intersection", "intersection_of": [ip_run, fs_run],
-                  "task": IP_TASK, "model": ip_job.model, "dtype": dtype, "device": device.split(":")[0],
-                  "eval_limit": limit, "data_seed": data_seed}
-        inter_job = config_hash(config)
-        inter_run = run_id_for(inter_job, LABEL_SPARSITY)
-        if store.job_status([inter_job]).get(inter_job) != "complete":
-            t0 = time.perf_counter()
-            ip_values, n_ip = evaluate_in(IP_TASK, inter)
-            fs_values, _ = evaluate_in(FS_TASK, inter)
-            eval_s = time.perf_counter() - t0
-            info = {"overlap": overlap, "chance_overlap": chance, "ip_edges": a.n_edges, "fs_edges": b.n_edges,
-                    "total_edges": n_total, "overlap_over_chance": overlap / chance if chance else None}
-            data = inter.to_dict()
-            data["meta"] = {**data.get("meta", {}), "job_id": inter_job, "run_id": inter_run,
-                            "method": "intersection", "intersection_of": [ip_run, fs_run], "model": ip_job.model}
-            import torch
-
-            job = {"job_id": inter_job, "config": config, "method": "intersection", "method_preset": ip_job.method_preset,
-                   "method_config": {}, "task": IP_TASK, "model": ip_job.model, "dtype": dtype,
-                   "n_train": ip_job.n_train, "n_validation": ip_job.n_validation, "data_seed": data_seed,
-                   "seed": ip_job.seed, "target_sparsity": LABEL_SPARSITY, "wall_s": {"evaluate": eval_s},
-                   "wall_total_s": eval_s, "forward_passes": 0, "backward_passes": 0, "peak_memory_mib": None,
-                   "device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
-                   "host": __import__("socket").gethostname(), "versions": library_versions(),
-                   "graph": graph.to_dict(), "log": [], "info": info, "started_at": now_iso(),
-                   "finished_at": now_iso()}
-            run = {"run_id": inter_run, "job_id": inter_job, "target_sparsity": LABEL_SPARSITY,
-                   "sparsity": float(inter.sparsity), "n_edges": overlap, "n_effective": inter.n_effective,
-                   "total_edges": n_total,
-                   "n_nodes": len(inter.nodes), "n_examples": n_ip, "eval_s": eval_s, "finished_at": now_iso()}
-            store.record_job(job, [run], {inter_run: {"test": ip_values, f"test@{FS_TASK}": fs_values}},
-                             {inter_run: data})
-            print("evaluated the intersection in both settings", file=out, flush=True)
+        done = set(zip(have["run_id"], have["split"]))
+        stored = store.job_status([inter.job_id]).get(inter.job_id) == "complete"
+        model, _ = model_and_engine(inter.model, device, dtype)
+        for result in derive(model, by_task, circuits, inter, done, stored, device, eval_batch_size, progress):
+            store.record(result)
+            print(_recorded(result), file=out, flush=True)
+        inter_run = run_id_for(inter.job_id, LABEL_SPARSITY)
         metrics = store.metrics(split=None)
         metrics = metrics[metrics["run_id"].isin([ip_run, fs_run, inter_run])]
         values = {(r, s, m): v for r, s, m, v in zip(metrics["run_id"], metrics["split"], metrics["metric"],
                                                      metrics["value"])}
     finally:
         store.close()
+    a, b = circuits[IP_TASK], circuits[FS_TASK]
+    n_total = a.graph.n_edges
     return {"ip_run": ip_run, "fs_run": fs_run, "intersection_run": inter_run, "ip_edges": a.n_edges,
-            "fs_edges": b.n_edges, "overlap": overlap, "total_edges": n_total, "chance_overlap": chance,
-            "metrics": values}
+            "fs_edges": b.n_edges, "overlap": (a & b).n_edges, "total_edges": n_total,
+            "chance_overlap": chance_overlap(a.n_edges, b.n_edges, n_total), "metrics": values}
+
+
+def intersection_spec(by_task: dict, device: str, dtype: str):
+    """The `DerivedSpec` of the IP ∩ FS circuit of the case study's two jobs (``{task: JobSpec}``)."""
+    from .store import run_id_for
+    from .sweep import DerivedSpec
+
+    ip_job, fs_job = by_task[IP_TASK], by_task[FS_TASK]
+    return DerivedSpec("intersection", (run_id_for(ip_job.job_id, LABEL_SPARSITY),
+                                        run_id_for(fs_job.job_id, LABEL_SPARSITY)),
+                       task=IP_TASK, model=ip_job.model, dtype=dtype, device=device.split(":")[0],
+                       eval_limit=ip_job.eval_limit, data_seed=ip_job.data_seed,
+                       method_preset=ip_job.method_preset, n_train=ip_job.n_train, n_validation=ip_job.n_validation,
+                       seed=ip_job.seed, target_sparsity=LABEL_SPARSITY)
+
+
+def derive(model, by_task: dict, circuits: dict, inter, done: set, intersection_stored: bool, device: str,
+           eval_batch_size: int, progress: bool):
+    """The case study's derived results, without touching the store: each circuit evaluated in the
+    other setting (a `RunMetricsResult` on split ``test@<other task>``), then the intersection
+    evaluated in both settings (a `JobResult` of the `DerivedSpec` ``inter``). What the store holds
+    is skipped: ``done``, its ``(run_id, split)`` pairs; ``intersection_stored``, the intersection."""
+    import torch
+
+    from .evaluate import evaluate
+    from .result import JobResult, RunMetricsResult
+    from .store import now_iso, run_id_for
+    from .tasks import get_task
+    from .workbench import device_name, library_versions
+
+    tests: dict = {}
+
+    def evaluate_in(task_name, circuit):
+        task = get_task(task_name)
+        if task_name not in tests:  # the test split the runner evaluates on (built as the job's data), once
+            splits = by_task[task_name].data.build(task, model.tokenizer)
+            limit = by_task[task_name].eval_limit
+            tests[task_name] = splits.split("test") if limit is None else splits.head("test", limit)
+        values = evaluate(model, task, circuit, batch_size=eval_batch_size, examples=tests[task_name],
+                          progress=progress)
+        n = int(values.pop("n_examples"))
+        return {k: float(v) for k, v in values.items()}, n
+
+    ip_run, fs_run = inter.derived_from
+    for own, other, run_id in ((IP_TASK, FS_TASK, ip_run), (FS_TASK, IP_TASK, fs_run)):
+        if (run_id, f"test@{other}") not in done:
+            yield RunMetricsResult(run_id, f"test@{other}", evaluate_in(other, circuits[own])[0])
+    if intersection_stored:
+        return
+    a, b = circuits[IP_TASK], circuits[FS_TASK]
+    circuit, graph = a & b, model.graph
+    environment = {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
+                   "host": __import__("socket").gethostname(), "versions": library_versions(),
+                   "started_at": now_iso()}
+    t0 = time.perf_counter()
+    ip_values, n_ip = evaluate_in(IP_TASK, circuit)
+    fs_values, _ = evaluate_in(FS_TASK, circuit)
+    eval_s = time.perf_counter() - t0
+    chance = chance_overlap(a.n_edges, b.n_edges, graph.n_edges)
+    info = {"overlap": circuit.n_edges, "chance_overlap": chance, "ip_edges": a.n_edges, "fs_edges": b.n_edges,
+            "total_edges": graph.n_edges, "overlap_over_chance": circuit.n_edges / chance if chance else None}
+    run_id = run_id_for(inter.job_id, LABEL_SPARSITY)
+    data = circuit.to_dict()
+    data["meta"] = {**data.get("meta", {}), "job_id": inter.job_id, "run_id": run_id, "method": inter.method,
+                    "intersection_of": list(inter.derived_from), "model": inter.model}
+    run = {"run_id": run_id, "job_id": inter.job_id, "target_sparsity": LABEL_SPARSITY,
+           "sparsity": float(circuit.sparsity), "n_edges": circuit.n_edges, "n_effective": circuit.n_effective,
+           "total_edges": graph.n_edges, "n_nodes": len(circuit.nodes), "n_examples": n_ip, "eval_s": eval_s,
+           "finished_at": now_iso()}
+    cost = {"wall_s": {"evaluate": eval_s}, "wall_total_s": eval_s, "forward_passes": 0, "backward_passes": 0,
+            "peak_memory_mib": None}
+    yield JobResult(inter, {**environment, "finished_at": now_iso()}, cost, graph.to_dict(), [], info, (run,),
+                    {run_id: {"test": ip_values, f"test@{FS_TASK}": fs_values}}, {run_id: data})
+
+
+def _recorded(result) -> str:
+    if result.kind == "metrics":
+        own = IP_TASK if result.split.endswith(FS_TASK) else FS_TASK
+        return f"evaluated the {own} circuit on {result.split.split('@', 1)[1]}"
+    return "evaluated the intersection in both settings"
 
 
 def case_study_table_text(results: str) -> str:

@@ -1,5 +1,8 @@
-"""Edge Pruning across processes and devices: data-parallel mask training, FSDP-sharded frozen
-models, bf16 and gradient checkpointing (the memory estimate per device: `circuitbench.costs`).
+"""Edge Pruning across processes and devices: the process group (data-parallel mask training), the
+FSDP sharding of the frozen model over it, and the torchrun executor of the runner's jobs. The
+sharded adapter is `circuitbench.adapters.sharded_llama`; the memory estimate per device is
+`circuitbench.costs`; the helpers that train across local processes in the tests are
+``tests/distributed_support.py``.
 
 Data parallelism. Every process (rank) holds the same log alphas and Lagrange multipliers. Each
 step, every rank takes the same global batch of the seeded partition (the one a single process
@@ -11,16 +14,13 @@ the whole batch and the masks stay identical (``tests/test_distributed.py`` chec
 single process on CPU with the gloo backend).
 
 Sharding the frozen model (``--fsdp``). The model's weights are split over the ranks with PyTorch
-FSDP2 (``torch.distributed.fsdp.fully_shard``): per decoder layer, one FSDP unit for the attention
-block (input norm + q/k/v/o projections) and one for the MLP block (norm + MLP), and one each for
-the embeddings and the unembedding (final norm + head). The engine runs these units through
-`ShardedLlamaAdapter`, so each unit's weights are gathered just before use, freed after, and
-gathered again for the backward pass (and for the recomputation under gradient checkpointing).
-The weights are frozen, so nothing is reduce-scattered: only the mask gradients cross the network.
-It runs on GPUs (NCCL) and on CPU processes (gloo): FSDP2 shards CPU tensors over a CPU device
-mesh and gathers them with gloo (checked with torch 2.13). ``tests/test_distributed.py`` checks
-on CPU that two gloo processes training Edge Pruning on the sharded model learn the masks one
-process learns with the whole model. Llama-family models only (CodeLlama, SmolLM2, Mistral-style).
+FSDP2 (``torch.distributed.fsdp.fully_shard``), one unit per attention block, MLP block,
+embedding and unembedding, run by `circuitbench.adapters.sharded_llama.ShardedLlamaAdapter`
+(`shard_model` puts it on a loaded model): each unit's weights are gathered just before use and
+freed after. It runs on GPUs (NCCL) and on CPU processes (gloo). ``tests/test_distributed.py``
+checks on CPU that two gloo processes training Edge Pruning on the sharded model learn the masks
+one process learns with the whole model. Llama-family models only (CodeLlama, SmolLM2,
+Mistral-style).
 
 Launching (``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous)::
 
@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,134 +108,6 @@ def init_from_env(backend: str | None = None) -> tuple[DataParallel, str]:
 
 
 # ---- FSDP sharding of the frozen model (NCCL on GPUs, gloo on CPU) -----------------------------------
-class _AttentionBlock(torch.nn.Module):
-    """A decoder layer's input norm and attention projections: one FSDP unit."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.norm = layer.input_layernorm
-        self.attn = layer.self_attn
-
-    def forward(self, x, cos, sin, mask, per_head: bool, n_heads: int, n_kv: int, head_dim: int, scale: float):
-        from .adapters.llama import llama_attention
-
-        at, d = self.attn, x.shape[-1]
-
-        def wb(lin, n):  # the gathered weights, viewed per head as the unsharded adapter does
-            b = None if lin.bias is None else lin.bias.view(n, head_dim)
-            return lin.weight.view(n, head_dim, d), b
-
-        groups = [wb(at.q_proj, n_heads), wb(at.k_proj, n_kv), wb(at.v_proj, n_kv)]
-        W_o = at.o_proj.weight.T.view(n_heads, head_dim, d)
-        return llama_attention(self.norm(x), groups, W_o, cos, sin, mask, scale, per_head)
-
-
-class _MlpBlock(torch.nn.Module):
-    """A decoder layer's post-attention norm and MLP: one FSDP unit."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.norm = layer.post_attention_layernorm
-        self.mlp = layer.mlp
-
-    def forward(self, x):
-        return self.mlp(self.norm(x))
-
-
-class _Unembed(torch.nn.Module):
-    def __init__(self, norm, head):
-        super().__init__()
-        self.norm, self.head = norm, head
-
-    def forward(self, x):
-        return self.head(self.norm(x))
-
-
-class ShardedLlamaAdapter:
-    """The Llama adapter's computation run through FSDP units, so every weight is gathered when a
-    unit runs (forward, backward and checkpoint recomputation) and freed after. Same contract as
-    `circuitbench.adapters.llama.LlamaAdapter`, except head subsets (below).
-
-    The units are sharded over a one-dimensional device mesh of ``device``'s type spanning the
-    default process group: CUDA ranks gather with NCCL, CPU ranks with gloo."""
-
-    family = "llama"
-    causal = True
-    has_mlp = True
-    # No head subsets (`attention` takes no ``heads``): the engine's passes without autograd then run
-    # every head's and MLP's unit instead of skipping the dead ones, so every rank runs the same FSDP
-    # units in the same order, whatever its masks and shard of the batch. Each unit's all-gather is
-    # a collective that every rank must join; a unit run by some ranks only would hang the group.
-    head_subsets = False
-
-    def __init__(self, hf_model, device):
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # an explicit mesh: FSDP's default one is on the accelerator whenever there is one, even
-        # when this process group runs on CPU (gloo)
-        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-        cfg = hf_model.config
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.d_model = cfg.hidden_size
-        self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
-        self.dtype = next(hf_model.parameters()).dtype
-        core = hf_model.model
-        self.rotary = core.rotary_emb.to(device)
-        self.scales = [getattr(layer.self_attn, "scaling", self.head_dim ** -0.5) for layer in core.layers]
-        self.attn_bias = [layer.self_attn.o_proj.bias for layer in core.layers]
-        if any(b is not None for b in self.attn_bias):
-            raise UserError("--fsdp supports Llama models without an attention output bias")
-        policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-        self.attn_blocks = [_AttentionBlock(layer) for layer in core.layers]
-        self.mlp_blocks = [_MlpBlock(layer) for layer in core.layers]
-        self.embed_unit = core.embed_tokens
-        self.unembed_unit = _Unembed(core.norm, hf_model.lm_head)
-        for unit in [*self.attn_blocks, *self.mlp_blocks, self.embed_unit, self.unembed_unit]:
-            unit.to(device)
-            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-
-    @property
-    def graph(self):
-        from .graph import Graph
-
-        return Graph(self.n_layers, self.n_heads, self.n_kv_heads, True)
-
-    def embed(self, ids):
-        return self.embed_unit(ids)
-
-    def context(self, seq_len, attention_mask, device):
-        from .adapters.base import Adapter
-
-        pos = torch.arange(seq_len, device=device)[None]
-        probe = torch.zeros(1, self.head_dim, device=device, dtype=self.dtype)
-        cos, sin = self.rotary(probe, pos)
-        return cos, sin, Adapter.attention_bias(seq_len, attention_mask, True, device, None)
-
-    def attention(self, layer, x, ctx, per_head=True):
-        cos, sin, mask = ctx
-        with warnings.catch_warnings():
-            # the unit's output is a view (per-head outputs reshaped from one matmul); FSDP warns that an
-            # in-place op on it would lose its pre-backward all-gather. The engine only reads writer
-            # outputs out of place, and copying the output to silence the warning would cost a layer's
-            # per-head outputs again.
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            return self.attn_blocks[layer](x, cos, sin, mask, per_head, self.n_heads, self.n_kv_heads,
-                                           self.head_dim, self.scales[layer])
-
-    def attn_out_bias(self, layer):
-        return None
-
-    def mlp(self, layer, x):
-        return self.mlp_blocks[layer](x)
-
-    def unembed(self, x):
-        return self.unembed_unit(x)
-
-
 def shard_model(model, device: str):
     """Shard a loaded Llama-family model's weights over the process group with FSDP, in place (the
     `LoadedModel` keeps its graph and tokenizer and gets a `ShardedLlamaAdapter`). ``device``: this
@@ -255,6 +126,8 @@ def shard_model(model, device: str):
                         f"{backend} backend")
     if getattr(model.adapter, "family", None) != "llama":
         raise UserError(f"--fsdp supports Llama-family models; {model.spec} is {model.adapter.family}")
+    from .adapters.sharded_llama import ShardedLlamaAdapter
+
     model.adapter = ShardedLlamaAdapter(model.hf_model, device)
     return model
 
@@ -301,6 +174,8 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
         todo = [j.job_id for j in jobs if status.get(j.job_id) != "complete"]
         print(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already complete in {results}; running "
               f"{len(todo)} over {dp.world_size} processes", file=out, flush=True)
+        for line in sweep.override_lines(jobs):  # as `circuitbench run` prints them
+            print(f"override: {line}", file=out, flush=True)
     box = [todo]
     dist.broadcast_object_list(box, src=0)
     todo = set(box[0])
@@ -330,64 +205,6 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
             else:
                 print(f"recorded {job.label}", file=out, flush=True)
     return failed
-
-
-def discover_local(world_size: int, spec: str, task: str, sparsity: float, n_train: int, preset: str = "smoke",
-                   overrides: dict | None = None, seed: int = 0, data_seed: int = 0, folder=None,
-                   fsdp: bool = False) -> list[dict]:
-    """Edge Pruning data-parallel over ``world_size`` local CPU processes (gloo, no torchrun): each
-    rank's learnt soft masks (the circuit's scores), circuit and training log, as
-    ``[{"scores", "edges", "log"}, ...]`` by rank. ``fsdp``: the ranks shard the model's weights
-    with FSDP (`shard_model`) instead of each holding the whole model. ``folder`` holds the
-    rendezvous file and results (a temporary folder by default)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = str(folder or tmp)
-        args = (world_size, folder, spec, task, sparsity, n_train, preset, dict(overrides or {}), seed, data_seed,
-                fsdp)
-        mp.spawn(_local_worker, args=args, nprocs=world_size, join=True)
-        return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(world_size)]
-
-
-def _local_worker(rank, world_size, folder, spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed,
-                  fsdp):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
-                            world_size=world_size)
-    try:
-        result = train_edge_pruning(spec, task_name, sparsity, n_train, preset, overrides, seed, data_seed,
-                                    DataParallel(rank, world_size), fsdp=fsdp)
-        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def train_edge_pruning(spec: str, task_name: str, sparsity: float, n_train: int, preset: str = "smoke",
-                       overrides: dict | None = None, seed: int = 0, data_seed: int = 0,
-                       dp: DataParallel | None = None, device: str = "cpu", dtype=None, fsdp: bool = False) -> dict:
-    """Train one Edge Pruning circuit in this process (as rank ``dp`` of a group, or alone):
-    ``{"scores": soft masks [W, R], "edges": bool [W, R], "log": training log, "parameters_held":
-    the model weights this process stores}``. ``fsdp``: shard the model over the (initialised)
-    process group (`load_for_rank`)."""
-    from .method import get_method
-    from .tasks import get_task
-    from .tasks.base import DataSpec
-
-    model, engine = load_for_rank(spec, device, dtype, fsdp, checkpoint=False)
-    task = get_task(task_name)
-    train = DataSpec(data_seed, n_train).build(task, model.tokenizer).train.to(model.device)
-    cls = get_method("ep")
-    method = cls(preset=preset, **(overrides or {}))
-    method.data_parallel = dp
-    result = method.discover(engine, task, train, None, [sparsity], seed=seed, progress=False)
-    circuit = result.circuits[sparsity]
-    held = sum((w.to_local() if hasattr(w, "to_local") else w).numel() for w in model.hf_model.parameters())
-    return {"scores": circuit.scores, "edges": circuit.edges, "log": result.log, "parameters_held": held}
 
 
 def _parser():

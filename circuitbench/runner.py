@@ -16,6 +16,9 @@ before any work starts, skips what the store already holds, and executes the res
   `ResultsStore.record` (circuit files, then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
+  Derived steps after a sweep (the case study's cross evaluations and intersection,
+  `circuitbench.casestudy.derive`; edge faithfulness, `circuitbench.faithfulness`) return typed
+  results too, recorded the same way.
 - **Execution** goes through joblib: in this process by default (joblib's sequential backend),
   ``jobs=N`` local worker processes (loky), or ``backend="dask"``/``"ray"`` to an existing
   cluster through joblib's backends (optional extras). Jobs timed on a GPU run one at a time so
@@ -399,7 +402,10 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
     jobs_planned, refs_planned, warnings = validate(sweep, dev, dtype_name, strict=not dry_run)
     if not dry_run:
         check_writable(results)
-    store = ResultsStore(results) if (not dry_run or os.path.exists(os.path.join(results, "results.db"))) else None
+    if not dry_run:
+        store = ResultsStore(results)
+    else:  # a dry run only reads (an older store is not migrated)
+        store = ResultsStore(results, readonly=True) if os.path.exists(os.path.join(results, "results.db")) else None
 
     workers, threads, note = execution_plan(dev, backend, n_jobs)
     if note:
@@ -422,6 +428,7 @@ def run_sweep(sweep: Sweep, results: str | None = None, device: str | None = Non
           f"{len(plan.units)} units to run on {dev} ({_execution(in_process, workers, backend)})",
           file=out, flush=True)
     _print_budgets(plan, out)
+    _print_overrides(sweep, plan, out)
     if not plan.units:
         store.close()
         return summary
@@ -515,6 +522,15 @@ def _print_budgets(plan: Plan, out) -> None:
         print(f"  {method} on {task}: {text}", file=out, flush=True)
 
 
+def _print_overrides(sweep: Sweep, plan: Plan, out) -> None:
+    """Every hyperparameter a sweep source changes from a method's own preset (never silent)."""
+    lines = sweep.override_lines(plan.jobs)
+    if lines:
+        print("overrides of the method presets:", file=out)
+    for line in lines:
+        print(f"  {line}", file=out, flush=True)
+
+
 def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, backend, out) -> None:
     print(f"sweep: {sweep.describe()}", file=out)
     for line in plan.warnings:
@@ -524,6 +540,7 @@ def _print_plan(sweep, plan: Plan, per_unit, total, results, device, workers, ba
     print(f"{len(plan.jobs)} jobs planned; {len(plan.skipped)} already complete; "
           f"{len(plan.units)} units to run (dry run: nothing is run)", file=out)
     _print_budgets(plan, out)
+    _print_overrides(sweep, plan, out)
     rows = []
     for unit, secs, how in per_unit:
         if unit.kind == "reference":

@@ -31,6 +31,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
       scores_file TEXT         relative path of the scores file, or NULL
       log TEXT, info TEXT      JSON: the method's log (training curve ...) and facts (MethodResult)
       started_at, finished_at TEXT (ISO 8601, UTC)
+      derived_from TEXT        JSON list of the run ids a *derived* job's circuit was built from (the
+                               case study's intersection, method ``intersection``); NULL for a discovery
 
     runs                       one row per evaluated circuit of a complete job
       run_id TEXT PRIMARY KEY  '<job_id>-s<target sparsity>'
@@ -52,6 +54,27 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`)::
       n_validation INTEGER (NULL = the task's default; the test split is drawn after validation)
       split TEXT, circuit TEXT ('full' or 'empty'), metric TEXT, value REAL, created_at TEXT
       PRIMARY KEY (ref_id, split, circuit, metric)
+
+    edge_faithfulness          per-edge faithfulness of a circuit (paper appendix D, figure 7;
+                               computed by `circuitbench.faithfulness`, recorded as an
+                               `EdgeFaithfulnessResult`)
+      study_id TEXT            16 hex digits of sha256 of (circuit edges, model, task, split, data seed,
+                               examples): one study = one circuit measured once; a rerun replaces it
+      circuit_name TEXT        the run id, or the circuit file's name
+      run_id TEXT              the stored run the circuit came from (NULL for an outside file)
+      circuit_file TEXT        the path given
+      task, model, split TEXT; data_seed, n_examples, circuit_edges INTEGER; device, loss TEXT
+      circuit_loss REAL        loss(model ‖ C) itself
+      edge TEXT                the edge's name (a3.h2->a5.h1<q>)
+      model_without, circuit_without REAL; created_at TEXT
+      PRIMARY KEY (study_id, edge)
+
+Schema versions and migrations. Version 1: the tables above without ``jobs.derived_from`` and
+``edge_faithfulness`` (that table, when present, was made by the report). Version 2 adds both; a
+writable `ResultsStore` migrates an older store in place when it opens it (one transaction),
+marking the jobs whose config names ``intersection_of`` as derived. A read-only store
+(``readonly=True``, what the report opens) never writes: an older store is copied into memory and
+migrated there.
 
 Guarantees. A job's row, its runs and all their metrics are written in one transaction, after
 its circuit files are on disk (each written to a temporary name, flushed and renamed), so a
@@ -79,7 +102,7 @@ import numpy as np
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "results.db"
 BUSY_TIMEOUT_S = 120.0
 
@@ -115,7 +138,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     log TEXT,
     info TEXT,
     started_at TEXT,
-    finished_at TEXT
+    finished_at TEXT,
+    derived_from TEXT
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -157,15 +181,41 @@ CREATE TABLE IF NOT EXISTS reference_metrics (
 );
 """
 
+_EDGE_FAITHFULNESS_TABLE = """
+CREATE TABLE IF NOT EXISTS edge_faithfulness (
+    study_id TEXT NOT NULL,
+    circuit_name TEXT,
+    run_id TEXT,
+    circuit_file TEXT,
+    task TEXT NOT NULL,
+    model TEXT NOT NULL,
+    split TEXT NOT NULL,
+    data_seed INTEGER,
+    n_examples INTEGER,
+    circuit_edges INTEGER,
+    device TEXT,
+    loss TEXT,
+    circuit_loss REAL,
+    edge TEXT NOT NULL,
+    model_without REAL,
+    circuit_without REAL,
+    created_at TEXT,
+    PRIMARY KEY (study_id, edge)
+)"""
+_SCHEMA += _EDGE_FAITHFULNESS_TABLE
+
 # Columns of `jobs` copied verbatim from a job record (`record_job`'s ``job`` argument).
 JOB_FIELDS = ("job_id", "config", "method", "method_preset", "method_config", "task", "model", "dtype",
               "n_train", "n_validation", "data_seed", "seed", "target_sparsity", "wall_s",
               "wall_total_s", "forward_passes", "backward_passes", "peak_memory_mib", "device",
               "device_name", "threads", "host", "versions", "graph", "log", "info", "started_at",
-              "finished_at")
+              "finished_at", "derived_from")
 RUN_FIELDS = ("run_id", "job_id", "target_sparsity", "sparsity", "n_edges", "n_effective", "total_edges", "n_nodes",
               "circuit_file", "n_examples", "eval_s", "finished_at")
-JSON_FIELDS = ("config", "method_config", "wall_s", "versions", "graph", "log", "info")
+JSON_FIELDS = ("config", "method_config", "wall_s", "versions", "graph", "log", "info", "derived_from")
+EDGE_FAITHFULNESS_FIELDS = ("study_id", "circuit_name", "run_id", "circuit_file", "task", "model", "split",
+                            "data_seed", "n_examples", "circuit_edges", "device", "loss", "circuit_loss", "edge",
+                            "model_without", "circuit_without", "created_at")
 
 
 def now_iso() -> str:
@@ -221,18 +271,65 @@ def _finite(value):
     return None if math.isnan(value) else value
 
 
-class ResultsStore:
-    """The results folder ``path`` (or a path to its ``results.db``); created on first use."""
+# Columns added to version 1 after its first release (a version-1 store may lack them).
+_V1_ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")], "runs": [("n_effective", "INTEGER")]}
 
-    def __init__(self, path, create: bool = True):
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection):
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring the schema of ``conn`` (inside the caller's write transaction, or an in-memory copy)
+    from ``version`` to `SCHEMA_VERSION`. Version 0: an empty database gets the whole schema."""
+    if version == 0:
+        # one statement at a time: executescript would commit the open transaction first
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            conn.execute(statement)
+    if 0 < version < 2:
+        for table, columns in {**_V1_ADDED_COLUMNS, "jobs": [("derived_from", "TEXT")]}.items():
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for col, typ in columns:
+                if col not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+        # the edge-faithfulness table a version-1 report may have made has these columns already
+        conn.execute(_EDGE_FAITHFULNESS_TABLE)
+        # version 1 marked a derived job (the case study's intersection) only in its config
+        derived = []
+        for job_id, config in conn.execute("SELECT job_id, config FROM jobs"):
+            try:
+                of = json.loads(config).get("intersection_of") if config else None
+            except (json.JSONDecodeError, AttributeError):
+                of = None
+            if isinstance(of, list) and len(of) == 2:
+                derived.append((json.dumps(of), job_id))
+        conn.executemany("UPDATE jobs SET derived_from = ? WHERE job_id = ?", derived)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+class ResultsStore:
+    """The results folder ``path`` (or a path to its ``results.db``); created on first use.
+
+    ``readonly``: open an existing store for reading only (the report): nothing is ever written to
+    it; a store of an older schema is copied into memory and migrated there."""
+
+    def __init__(self, path, create: bool = True, readonly: bool = False):
         path = Path(path)
         if path.suffix == ".db":
             self.root, self.db_path = path.parent, path
         else:
             self.root, self.db_path = path, path / DB_NAME
-        if not create and not self.db_path.exists():
+        self.readonly = readonly
+        if (readonly or not create) and not self.db_path.exists():
             raise UserError(f"no results store at {self.root} (no {DB_NAME}); run `circuitbench run` first")
-        if create:
+        if create and not readonly:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -247,13 +344,39 @@ class ResultsStore:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         try:
-            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if self.readonly:
+                # A plain connection that refuses writes (query_only, below) when the folder takes
+                # files: the last one to close removes SQLite's -wal and -shm files, as a writer's
+                # does. SQLite's read-only mode (a read-only folder) would leave them behind.
+                writable = os.access(self.db_path, os.W_OK) and os.access(self.db_path.parent, os.W_OK)
+                target = self.db_path if writable else f"{self.db_path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(target, uri=not writable, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA query_only = ON")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            else:
+                conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.OperationalError as err:
             raise UserError(f"cannot open the results store {self.db_path}: {err}") from None
         except sqlite3.DatabaseError as err:
             raise UserError(f"{self.db_path} is not a circuitbench results database: {err}") from None
+        if self.readonly:
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise UserError(f"{self.db_path} has store schema {version}; this circuitbench reads "
+                                f"{SCHEMA_VERSION}: upgrade circuitbench")
+            if version < SCHEMA_VERSION:  # an older store: migrate a copy in memory, never the file
+                memory = sqlite3.connect(":memory:", isolation_level=None)
+                conn.backup(memory)
+                conn.close()
+                conn = memory
+                with _transaction(conn):
+                    _migrate(conn, version)
+                conn.execute("PRAGMA query_only = ON")
+            self._conn, self._pid = conn, os.getpid()
+            return conn
         if mode.lower() != "wal":
             raise UserError(f"cannot put {self.db_path} in WAL mode (got {mode!r}); is the folder on a "
                             f"file system without shared-memory support?")
@@ -267,37 +390,20 @@ class ResultsStore:
         conn = self._conn
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
-            self._add_missing_columns()
             return
         if version > SCHEMA_VERSION:
             raise UserError(f"{self.db_path} has store schema {version}; this circuitbench reads "
                             f"{SCHEMA_VERSION}: upgrade circuitbench")
         with self._write():
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                # one statement at a time: executescript would commit the open transaction first
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    # Columns added to the schema after its first release, added in place to older stores.
-    _ADDED_COLUMNS = {"reference_metrics": [("n_validation", "INTEGER")], "runs": [("n_effective", "INTEGER")]}
-
-    def _add_missing_columns(self) -> None:
-        conn = self._conn
-        for table, columns in self._ADDED_COLUMNS.items():
-            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            missing = [(c, t) for c, t in columns if c not in have]
-            if missing:
-                with self._write():
-                    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                    for col, typ in missing:
-                        if col not in have:
-                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+            # re-read under the write lock: another process may have migrated it meanwhile
+            _migrate(conn, conn.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
     def _write(self):
         """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front so concurrent
         writers queue on the busy timeout instead of failing when a read upgrades to a write."""
+        if self.readonly:
+            raise UserError(f"the results store {self.root} was opened read-only")
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -314,10 +420,11 @@ class ResultsStore:
         self._conn = None
 
     def __getstate__(self):
-        return {"root": self.root, "db_path": self.db_path}
+        return {"root": self.root, "db_path": self.db_path, "readonly": self.readonly}
 
     def __setstate__(self, state):
         self.root, self.db_path = state["root"], state["db_path"]
+        self.readonly = state.get("readonly", False)
         self._conn, self._pid = None, None
 
     def __repr__(self) -> str:
@@ -383,11 +490,17 @@ class ResultsStore:
         return rel
 
     def record(self, result) -> bool:
-        """Write what a unit of a sweep returned (`circuitbench.result`): a complete job with its runs,
-        metrics, circuit files and scores; runs added to a complete job; a failed job with its error;
-        a test split's reference metrics. False when the store already held it."""
+        """Write what a unit of a sweep or a derived step returned (`circuitbench.result`): a complete
+        job with its runs, metrics, circuit files and scores (a discovered or a derived one); runs
+        added to a complete job; a failed job with its error; a test split's reference metrics; a
+        stored run's metrics on another split; an edge-faithfulness study. False when the store
+        already held it (an edge-faithfulness study is replaced instead)."""
         if result.kind == "reference":
             return self.record_references(result.row(), result.values)
+        if result.kind == "metrics":
+            return self.add_metrics(result.run_id, result.split, result.values)
+        if result.kind == "edge_faithfulness":
+            return self.record_edge_faithfulness(result.rows())
         if result.kind == "failed":
             return self.record_failure(result.row(), result.error)
         if result.kind == "extend":
@@ -455,6 +568,19 @@ class ResultsStore:
                              [(run_id, split, m, _finite(v)) for m, v in values.items()])
         return True
 
+    def record_edge_faithfulness(self, rows: list[dict]) -> bool:
+        """Store one edge-faithfulness study (rows with `EDGE_FAITHFULNESS_FIELDS`, one per edge, one
+        ``study_id``), replacing an earlier study of the same id, in one transaction."""
+        ids = {r["study_id"] for r in rows}
+        if len(ids) != 1:
+            raise ValueError(f"an edge-faithfulness study has one study_id, got {len(ids)}")
+        with self._write() as conn:
+            conn.execute("DELETE FROM edge_faithfulness WHERE study_id = ?", (ids.pop(),))
+            conn.executemany(f"INSERT INTO edge_faithfulness ({', '.join(EDGE_FAITHFULNESS_FIELDS)}) VALUES "
+                             f"({', '.join('?' * len(EDGE_FAITHFULNESS_FIELDS))})",
+                             [[r.get(k) for k in EDGE_FAITHFULNESS_FIELDS] for r in rows])
+        return True
+
     def _insert_runs(self, conn, runs, metrics):
         for run in runs:
             self._insert(conn, "runs", {k: run.get(k) for k in RUN_FIELDS})
@@ -519,7 +645,8 @@ class ResultsStore:
         circuit_file, n_examples, eval_s, status, wall_total_s, ``wall_s.<phase>`` for every phase, forward_passes,
         backward_passes, peak_memory_mib, runs_in_job (runs sharing this job's discovery cost),
         device, device_name, threads, host, circuitbench_version, torch_version, transformers_version,
-        versions (JSON), method_config (JSON), config (JSON), started_at, finished_at. With
+        versions (JSON), method_config (JSON), config (JSON), derived_from (a tuple of run ids for a
+        derived job, else None), started_at, finished_at. With
         ``with_metrics``: one more column per ``<split>/<metric>`` (e.g. ``test/kl``).
         ``status=None`` also lists failed jobs (one row each, with NaN run columns and ``error``).
         Filters take a value or a list of values.
@@ -534,11 +661,12 @@ class ResultsStore:
              f"r.n_examples, r.eval_s, "
              f"j.status, j.error, j.wall_total_s, j.wall_s, j.forward_passes, j.backward_passes, "
              f"j.peak_memory_mib, (SELECT COUNT(*) FROM runs r2 WHERE r2.job_id = j.job_id) AS runs_in_job, "
-             f"j.device, j.device_name, j.threads, j.host, j.versions, j.method_config, j.config, "
+             f"j.device, j.device_name, j.threads, j.host, j.versions, j.method_config, j.config, j.derived_from, "
              f"j.started_at, j.finished_at "
              f"FROM jobs j {join} runs r ON r.job_id = j.job_id{where} "
              f"ORDER BY j.method, j.task, j.model, j.n_train, j.seed, target_sparsity, r.run_id")
         df = pd.read_sql_query(q, self._connect(), params=params)
+        df["derived_from"] = [tuple(json.loads(v)) if isinstance(v, str) else None for v in df["derived_from"]]
         walls = [json.loads(w) if w else {} for w in df["wall_s"]]
         phases = sorted({p for w in walls for p in w})
         for p in phases:
@@ -597,6 +725,13 @@ class ResultsStore:
              "metric, value "
              f"FROM reference_metrics{where} ORDER BY task, model, split, circuit, metric")
         return pd.read_sql_query(q, self._connect(), params=params)
+
+    def edge_faithfulness(self):
+        """Every stored edge-faithfulness row (columns `EDGE_FAITHFULNESS_FIELDS`), oldest study first."""
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM edge_faithfulness ORDER BY created_at, study_id, edge",
+                                 self._connect())
 
     def circuit(self, job_id: str, sparsity: float | None = None):
         """The stored `Circuit` of a run: ``job_id`` is a run id, or a job id with ``sparsity``

@@ -47,6 +47,22 @@ Sources are layered: built-in defaults, then the preset (``configs/NAME.toml``),
 per-task value wins over the file's top level. ``method_config`` entries merge field by field in
 the same order.
 
+Presets: one precedence. The names paper, quick and smoke exist at two levels: a *sweep preset*
+(``--preset NAME``: ``configs/NAME.toml``, or the case study's own, `circuitbench.casestudy`) says
+what to run, and a *method preset* (``method_preset``, `CircuitMethod.presets`) is a method's own
+budget. A sweep preset picks the method presets of its name unless it sets ``method_preset``. A
+method's hyperparameters are resolved, later winning::
+
+    the method's Config defaults
+    < its preset ``method_preset`` (with the preset's per-task entries)
+    < [method_config] of the sweep preset (configs/NAME.toml, or the case study's preset)
+    < [method_config] of --config FILE
+    < --set METHOD.FIELD=VALUE
+
+An override is never silent: `Sweep.override_lines` names every field a sweep source changes
+from the method's preset (value before and after, and the source), and the runner prints those
+lines with the plan (``overrides:``), as it prints the sources in effect (``settings:``).
+
 Expansion: for every task, model, method, n_train and seed, the method splits the sparsities into
 jobs (`CircuitMethod.target_groups`): a method that trains one circuit per target (``produces ==
 "circuits"``) gets one job per sparsity, unless it trains them all in one run (Edge Pruning's
@@ -351,6 +367,8 @@ class JobSpec:
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "job_id", config_hash(config))
 
+    derived_from = ()  # a discovery: built from no stored run (see `DerivedSpec`)
+
     @property
     def data(self):
         """The job's data (`circuitbench.tasks.base.DataSpec`): its seed and split sizes."""
@@ -367,6 +385,42 @@ class JobSpec:
     def label(self) -> str:
         s = f" s={self.target_sparsity:g}" if self.target_sparsity is not None else f" x{len(self.sparsities)} sparsities"
         return f"{self.method} {self.task} {self.model} n={self.n_train} seed={self.seed}{s}"
+
+
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A job whose circuit is built from stored runs instead of discovered (the case study's
+    intersection, ``method="intersection"``): the runs it is built from (``derived_from``), where
+    it is evaluated, and the fields of its row copied from the jobs it derives from. Its id hashes
+    ``{method}_of`` (the run ids), task, model, dtype, device, eval_limit and data seed."""
+
+    method: str
+    derived_from: tuple[str, ...]
+    task: str
+    model: str
+    dtype: str
+    device: str
+    eval_limit: int | None
+    data_seed: int
+    method_preset: str | None = None
+    n_train: int | None = None
+    n_validation: int | None = None
+    seed: int | None = None
+    target_sparsity: float | None = None
+    method_config: dict = field(default_factory=dict)
+    config: dict = field(init=False, repr=False, compare=False)
+    job_id: str = field(init=False, compare=False)
+
+    def __post_init__(self):
+        config = {"v": HASH_VERSION, "method": self.method, f"{self.method}_of": list(self.derived_from),
+                  "task": self.task, "model": self.model, "dtype": self.dtype, "device": self.device,
+                  "eval_limit": self.eval_limit, "data_seed": self.data_seed}
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "job_id", config_hash(config))
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} of {' and '.join(self.derived_from)}"
 
 
 @dataclass
@@ -446,15 +500,20 @@ class Sweep:
     sources: list[Source]
 
     @classmethod
-    def build(cls, preset: str | None = None, config: str | None = None, flags: dict | None = None) -> "Sweep":
-        """Layer the built-in defaults, a preset, a TOML file and flag values (None = not given)."""
+    def build(cls, preset: str | None = None, config: str | None = None, flags: dict | None = None,
+              layers: tuple[Source, ...] = ()) -> "Sweep":
+        """Layer the built-in defaults, a preset, a TOML file, further named ``layers`` (the case
+        study's preset) and flag values (None = not given)."""
         sources = [Source("defaults", dict(DEFAULTS))]
         if preset:
-            sources.append(load_preset(preset))
+            source = load_preset(preset)
+            source.name = f"preset {preset} (configs/{preset}.toml)"
+            sources.append(source)
             # A preset picks the method presets of the same name unless it says otherwise.
             sources[-1].top.setdefault("method_preset", preset)
         if config:
             sources.append(load_toml(config))
+        sources.extend(layers)
         given = {k: v for k, v in (flags or {}).items() if v is not None}
         if given:
             sources.append(source_from_mapping(given, "command line"))
@@ -483,6 +542,37 @@ class Sweep:
             out.update(src.top.get("method_config", {}).get(method, {}))
             out.update(src.per_task.get(task, {}).get("method_config", {}).get(method, {}))
         return out
+
+    def override_lines(self, jobs) -> list[str]:
+        """One line per method, source and set of tasks saying which hyperparameters that source
+        changes from the method's own preset (``steps 400 -> 40``), for the jobs of a plan. The
+        changes are applied in the order of the precedence in the module docstring; a value equal to
+        the one below it is no override and is not listed."""
+        from .method import get_method
+
+        lines: dict[str, list[str]] = {}
+        seen = set()
+        for job in jobs:
+            key = (job.method, job.method_preset, job.task)
+            if key in seen:
+                continue
+            seen.add(key)
+            cls = get_method(job.method)
+            current = _jsonable(cls.resolve_config(job.method_preset, {}, job.task))
+            for src in self.sources:
+                values = dict(src.top.get("method_config", {}).get(job.method, {}))
+                values.update(src.per_task.get(job.task, {}).get("method_config", {}).get(job.method, {}))
+                changed = []
+                for name, value in values.items():
+                    value = _jsonable(value)
+                    if current.get(name) != value:
+                        changed.append(f"{name} {current.get(name)!r} -> {value!r}")
+                        current[name] = value
+                if changed:
+                    line = (f"{job.method} (its preset {job.method_preset!r}): {', '.join(changed)} "
+                            f"[{src.name}]")
+                    lines.setdefault(line, []).append(job.task)
+        return [f"{line} on {', '.join(tasks)}" for line, tasks in lines.items()]
 
     @property
     def tasks(self) -> list[str]:

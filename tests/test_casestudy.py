@@ -32,6 +32,12 @@ def test_sweep_has_one_edge_pruning_job_per_setting():
     assert all(j.method == "ep" and j.sparsities == (LABEL_SPARSITY,) and j.n_train == 4 for j in jobs)
     assert all(j.method_config["edge_target"] == 1.2 and j.method_config["steps"] == 3 for j in jobs)
     assert len(refs) == 2
+    # the case study's preset is a named layer of the sweep; what it and --steps change is said
+    assert "(settings: defaults < case-study preset smoke < command line)" in sweep.describe()
+    lines = sweep.override_lines(jobs)
+    assert "edge_target None -> 1.2" in lines[0] and lines[0].endswith("[case-study preset smoke] on boolexpr-ip, "
+                                                                       "boolexpr-fs")
+    assert "steps 8 -> 3" in lines[1] and "[command line]" in lines[1]
 
 
 def test_chance_overlap():
@@ -75,6 +81,10 @@ def test_smoke_case_study_writes_the_table_2_rows(tmp_path):
         inter = store.circuit(summary["intersection_run"])
         assert torch.equal(inter.edges, a.edges & b.edges) and summary["overlap"] == inter.n_edges
         assert summary["chance_overlap"] == pytest.approx(a.n_edges * b.n_edges / a.graph.n_edges)
+        # the report knows the intersection by the store's explicit field, not by its config
+        derived = store.runs().set_index("run_id")["derived_from"]
+        assert derived[summary["intersection_run"]] == (summary["ip_run"], summary["fs_run"])
+        assert derived[summary["ip_run"]] is None
         counts = store.counts()
     finally:
         store.close()

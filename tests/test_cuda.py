@@ -185,7 +185,8 @@ def test_fsdp_over_nccl_matches_the_whole_model(nccl_group):
 
 
 def test_edge_pruning_over_nccl_learns_the_masks_of_one_process(nccl_group):
-    from circuitbench.distributed import DataParallel, train_edge_pruning
+    from circuitbench.distributed import DataParallel
+    from distributed_support import train_edge_pruning
 
     args = ("random:llama-tiny", "ioi", 0.5, 12, "smoke",
             {"steps": 8, "batch_size": 5, "ramp_steps": 4, "init_log_alpha": 0.5, "lr": 0.1})

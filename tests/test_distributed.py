@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from circuitbench.costs import acdc_seconds, codellama_13b_config, estimate_memory
-from circuitbench.distributed import DataParallel, ShardedLlamaAdapter, discover_local, shard_model, train_edge_pruning
+from circuitbench.adapters.sharded_llama import ShardedLlamaAdapter
+from circuitbench.distributed import DataParallel, shard_model
 from circuitbench.errors import UserError
+from distributed_support import discover_local, train_edge_pruning
 
 # ioi on the random Llama: the empty circuit's KL is ~0.25, so the masks' gradients are far from zero;
 # masks start near 0.5 (log alpha 0.5) so every step's samples matter. Global batch 5 over 2 ranks:

@@ -1,6 +1,7 @@
 """The harness's import structure: no circle between circuitbench modules (at any depth: a function's
 own import counts too), and no circuitbench module importing the contestants (``methods``; the
-harness finds methods through the registry, `circuitbench.method`)."""
+harness finds methods through the registry, `circuitbench.method`), and a report that only reads
+(``circuitbench.report`` reaches no engine, model loading or evaluation, even indirectly)."""
 from __future__ import annotations
 
 import ast
@@ -85,4 +86,25 @@ def test_no_import_circle_between_circuitbench_modules():
 def test_no_circuitbench_module_imports_a_method():
     bad = sorted(f"{m} imports {t}" for m, targets in import_graph().items() for t in targets
                  if t == "methods" or t.startswith("methods."))
+    assert not bad, "; ".join(bad)
+
+
+# What the report must never reach: it draws what the store holds and runs nothing (circuits are
+# tensors, so torch itself is allowed).
+NOT_FOR_THE_REPORT = ("circuitbench.engine", "circuitbench.models", "circuitbench.adapters", "circuitbench.evaluate",
+                      "circuitbench.workbench", "circuitbench.runner", "circuitbench.faithfulness",
+                      "circuitbench.method", "circuitbench.batches")
+
+
+def test_the_report_imports_no_engine():
+    graph = import_graph()
+    reached, stack = {}, [(m, m) for m in graph if m.startswith("circuitbench.report")]
+    while stack:  # every module the report reaches, with the report module it is reached from
+        module, via = stack.pop()
+        if module in reached:
+            continue
+        reached[module] = via
+        stack.extend((t, via) for t in graph.get(module, ()) if t in graph)
+    bad = sorted(f"{reached[m]} reaches {m}" for m in reached
+                 if any(m == n or m.startswith(n + ".") for n in NOT_FOR_THE_REPORT))
     assert not bad, "; ".join(bad)

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -146,7 +147,8 @@ def make_store(root, tracr: bool = True, case_study: bool = True, failed: bool =
         a, b = store.circuit(ids["boolexpr-ip"]), store.circuit(ids["boolexpr-fs"])
         inter = a & b
         job = _job(next_id(), "intersection", "boolexpr-ip", TINY_MODEL, TINY, 3840, 0, 0.9, {"intersect": 0.0},
-                   extra_config={"intersection_of": [ids["boolexpr-ip"], ids["boolexpr-fs"]]}, preset=None)
+                   preset=None)
+        job["derived_from"] = [ids["boolexpr-ip"], ids["boolexpr-fs"]]  # what marks a derived job
         _record(store, job, {0.9: inter}, _lm_metrics("intersection", "boolexpr-ip", 0, 3840, cross="boolexpr-fs"))
     if failed:
         store.record_failure(_job(next_id(), "acdc", "ioi-t1", TINY_MODEL, TINY, 200, 0, None, {}),
@@ -432,6 +434,80 @@ def test_rebuild_replaces_its_own_files_and_refuses_foreign_folders(tmp_path):
         build_report(tmp_path / "store", tmp_path / "other")
 
 
+def _files(root) -> dict:
+    """Every file of a store folder with its bytes, but SQLite's transient -wal/-shm files and the
+    report's own output."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith(("-wal", "-shm")) and "report" not in p.relative_to(root).parts}
+
+
+def test_building_the_report_leaves_the_store_as_it_was(store_dir, tmp_path):
+    from circuitbench.report import build_report
+
+    before = _files(store_dir)
+    assert "results.db" in before and any(k.startswith("circuits/") for k in before)
+    summary = build_report(store_dir, tmp_path / "out")
+    assert summary["figures"] and _files(store_dir) == before
+
+
+COMMITTED = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/store/results.db"))
+
+
+def _copy_store(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*-wal", "*-shm", "report"))
+    return dst
+
+
+@pytest.mark.parametrize("committed", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_stores_open_read_only_and_migrate_on_a_copy(committed, tmp_path):
+    """The stores committed under docs/results (schema 1) still open for the report, unchanged,
+    and a writable open migrates them to the current schema (on a copy: never docs/results)."""
+    import sqlite3
+
+    from circuitbench.report.data import load_report_data
+    from circuitbench.store import SCHEMA_VERSION
+
+    store = _copy_store(committed, tmp_path / "store")
+    before = _files(store)
+    data = load_report_data(store)
+    try:
+        assert not data.runs.empty and data.edge_faithfulness.empty
+        assert data.store.counts()["complete"] > 0
+        n_runs = len(data.store.runs())
+    finally:
+        data.store.close()
+    assert _files(store) == before
+    version = sqlite3.connect(store / "results.db").execute("PRAGMA user_version").fetchone()[0]
+    assert version < SCHEMA_VERSION  # read-only: migrated in memory, not in the file
+    writable = ResultsStore(store)
+    try:
+        columns = {r[1] for r in writable._connect().execute("PRAGMA table_info(jobs)")}
+        assert "derived_from" in columns
+        assert len(writable.runs()) == n_runs
+    finally:
+        writable.close()
+    conn = sqlite3.connect(store / "results.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM edge_faithfulness").fetchone()[0] == 0
+    conn.close()
+
+
+@pytest.mark.slow  # the whole report of each committed store: ~1 min each on 2 busy cores
+@pytest.mark.parametrize("committed", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_stores_still_report(committed, tmp_path):
+    from circuitbench.report import build_report
+
+    store = _copy_store(committed, tmp_path / "store")
+    before = _files(store)
+    summary = build_report(store, tmp_path / "out")
+    assert not summary["empty"] and summary["figures"] and _files(store) == before
+
+
 def test_empty_and_missing_store(tmp_path, capsys):
     from circuitbench.cli import main
 
@@ -466,13 +542,20 @@ def test_edge_faithfulness_compute_store_and_draw(tmp_path):
     from circuitbench.report import edge_faithfulness as ef
     from circuitbench.tracr import ground_truth
 
+    def stored():
+        store = ResultsStore(results, readonly=True)
+        try:
+            return store.edge_faithfulness()
+        finally:
+            store.close()
+
     results = tmp_path / "res"
     circuit_file = tmp_path / "gt.json"
     gt = ground_truth("reverse")
     Circuit.from_names(TRACR, gt, meta={"task": "tracr-reverse", "model": "tracr:reverse"}).save(circuit_file)
     assert main(["report", "--results", str(results), "--edge-faithfulness", str(circuit_file), "--limit", "40",
                  "--no-progress"]) == 0
-    rows = ef.load(results / "results.db")
+    rows = stored()
     assert len(rows) == len(gt) and rows["n_examples"].iloc[0] == 40
     assert rows["circuit_loss"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # the ground truth is faithful
     assert (rows["circuit_without"] > 1e-3).all()  # no inert edge in the ground truth
@@ -494,7 +577,7 @@ def test_edge_faithfulness_compute_store_and_draw(tmp_path):
     # a second run of the same study replaces it
     assert main(["report", "--results", str(results), "--edge-faithfulness", str(circuit_file), "--limit", "40",
                  "--no-progress"]) == 0
-    assert len(ef.load(results / "results.db")) == len(rows)
+    assert len(stored()) == len(rows)
 
 
 def test_edge_faithfulness_errors(tmp_path):

@@ -217,3 +217,100 @@ def test_record_writes_each_kind_of_result(tmp_path):
     assert store.record(ref) and not store.record(ref) and store.has_references(refs[0].ref_id)
     row = store.runs().iloc[0]
     assert json.loads(row["config"]) == spec.config and row["device_name"] == "test cpu"
+
+
+def _downgrade_to_schema_1(db):
+    """What a store written before schema 2 looks like: no jobs.derived_from, no edge_faithfulness."""
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("ALTER TABLE jobs DROP COLUMN derived_from")
+    conn.execute("DROP TABLE edge_faithfulness")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+def test_schema_1_store_migrates_and_its_intersection_becomes_a_derived_job(tmp_path):
+    """A schema-1 store marked the case study's intersection only in its config; the migration
+    names its runs in ``derived_from``. Read-only, the store is migrated in memory and its file is
+    left as it was; a writable open migrates the file."""
+    import sqlite3
+
+    from circuitbench.store import SCHEMA_VERSION
+
+    store = ResultsStore(tmp_path)
+    job, runs, metrics, circuits, _ = make_job("a" * 16, sparsities=(0.5,))
+    store.record_job(job, runs, metrics, circuits)
+    inter, iruns, imetrics, icircuits, _ = make_job("b" * 16, method="intersection", sparsities=(0.5,))
+    inter["config"] = {"method": "intersection", "intersection_of": [runs[0]["run_id"], "x-s0.5"]}
+    store.record_job(inter, iruns, imetrics, icircuits)
+    store.close()
+    _downgrade_to_schema_1(tmp_path / "results.db")
+    before = (tmp_path / "results.db").read_bytes()
+
+    ro = ResultsStore(tmp_path, readonly=True)
+    try:
+        df = ro.runs()
+        assert dict(zip(df["job_id"], df["derived_from"])) == {"a" * 16: None,
+                                                               "b" * 16: (runs[0]["run_id"], "x-s0.5")}
+        assert ro.edge_faithfulness().empty
+        with pytest.raises(UserError, match="read-only"):
+            ro.add_metrics(runs[0]["run_id"], "test@x", {"kl": 1.0})
+    finally:
+        ro.close()
+    assert (tmp_path / "results.db").read_bytes() == before
+
+    rw = ResultsStore(tmp_path)
+    try:
+        df = rw.runs()
+        assert df.set_index("job_id")["derived_from"]["b" * 16] == (runs[0]["run_id"], "x-s0.5")
+    finally:
+        rw.close()
+    conn = sqlite3.connect(tmp_path / "results.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_newer_schema_is_a_clear_error(tmp_path):
+    import sqlite3
+
+    ResultsStore(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "results.db", isolation_level=None)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    for readonly in (False, True):
+        with pytest.raises(UserError, match="upgrade circuitbench"):
+            ResultsStore(tmp_path, readonly=readonly)
+
+
+def test_derived_and_edge_faithfulness_results_are_recorded(tmp_path):
+    """`ResultsStore.record` of the derived step's results: a `JobResult` of a `DerivedSpec` (its
+    runs named in ``derived_from``), a `RunMetricsResult`, an `EdgeFaithfulnessResult` (replaced
+    by a rerun of the same study)."""
+    from circuitbench.result import EdgeFaithfulnessResult, JobResult, RunMetricsResult
+    from circuitbench.sweep import DerivedSpec
+
+    store = ResultsStore(tmp_path)
+    job, runs, metrics, circuits, _ = make_job("a" * 16, sparsities=(0.5,))
+    store.record_job(job, runs, metrics, circuits)
+    spec = DerivedSpec("intersection", (runs[0]["run_id"], "other-s0.5"), task="ioi-t1", model="random:gpt2-tiny",
+                       dtype="float32", device="cpu", eval_limit=8, data_seed=0, target_sparsity=0.5)
+    assert spec.config["intersection_of"] == list(spec.derived_from)  # the id schema 1 stores hashed
+    _, druns, dmetrics, dcircuits, _ = make_job(spec.job_id, sparsities=(0.5,))
+    environment = {k: job[k] for k in ("device", "device_name", "threads", "host", "versions", "started_at",
+                                       "finished_at")}
+    result = JobResult(spec, environment, {"wall_s": {"evaluate": 1.0}}, GRAPH_DICT, [], {}, tuple(druns),
+                       dmetrics, dcircuits)
+    assert store.record(result) and not store.record(result)
+    df = store.runs().set_index("job_id")
+    assert df["derived_from"][spec.job_id] == spec.derived_from and df["derived_from"]["a" * 16] is None
+    assert store.record(RunMetricsResult(runs[0]["run_id"], "test@gt", {"kl": 0.25}))
+    assert not store.record(RunMetricsResult(runs[0]["run_id"], "test@gt", {"kl": 0.5}))
+    m = store.metrics(split="test@gt")
+    assert list(m["value"]) == [0.25]
+    study = EdgeFaithfulnessResult("c", None, "c.json", "ioi-t1", "random:gpt2-tiny", "test", 0, "cpu", "kl", 8, 0.1,
+                                   ("input->logits", "m0->logits"), (0.2, 0.3), (0.4, 0.5), "t0")
+    assert store.record(study) and store.record(study)
+    rows = store.edge_faithfulness()
+    assert list(rows["edge"]) == ["input->logits", "m0->logits"] and set(rows["study_id"]) == {study.study_id}
+    store.close()

@@ -236,3 +236,39 @@ def test_per_method_seeds_and_training_sizes(tmp_path):
     path.write_text('methods = ["eap"]\ntasks = ["ioi-t1"]\n[per_method.eap]\nsteps = [3]\n')
     with pytest.raises(UserError, match="unknown key.*steps; allowed: seeds, n_train"):
         Sweep.build(config=str(path))
+
+
+def test_preset_precedence_and_overrides_are_printed(tmp_path, capsys):
+    """One precedence for presets: a method's own preset < the sweep preset's [method_config]
+    (configs/quick.toml sets Edge Pruning's steps to 40 over its own quick preset's 400) < a
+    --config file < --set; and every override is named, with the source that made it, in the
+    plan the runner prints."""
+    from circuitbench.cli import main
+    from circuitbench.method import get_method
+
+    own = get_method("ep").resolve_config("quick", {}, "gt")
+    assert own.steps == 400 and own.schedule != "path"  # Edge Pruning's own quick preset
+    quick = Sweep.build(preset="quick")
+    (ep,) = [j for j in quick.plan()[0] if j.method == "ep"]
+    assert ep.method_preset == "quick" and ep.method_config["steps"] == 40 and ep.method_config["schedule"] == "path"
+    lines = quick.override_lines(quick.plan()[0])
+    assert lines == [l for l in lines if l.startswith("ep ")]  # acdc, eap, eap-ig: their presets as they are
+    assert "steps 400 -> 40" in lines[0] and lines[0].endswith("[preset quick (configs/quick.toml)] on gt")
+    assert "preset quick (configs/quick.toml)" in quick.describe()
+
+    cfg = tmp_path / "more.toml"
+    cfg.write_text("[method_config.ep]\nsteps = 30\n")
+    layered = Sweep.build(preset="quick", config=str(cfg), flags={"method_config": {"ep": {"steps": 7}}})
+    (ep,) = [j for j in layered.plan()[0] if j.method == "ep"]
+    assert ep.method_config["steps"] == 7
+    steps = [l for l in layered.override_lines(layered.plan()[0]) if "steps 40 -> 30" in l or "steps 30 -> 7" in l]
+    assert len(steps) == 2 and steps[0].endswith(f"[{cfg}] on gt") and steps[1].endswith("[command line] on gt")
+
+    plain = Sweep.build(flags={"methods": "ep", "tasks": "ioi-t1", "models": "random:gpt2-tiny",
+                               "method_preset": "smoke"})
+    assert plain.override_lines(plain.plan()[0]) == []  # nothing overridden, nothing said
+
+    assert main(["run", "--preset", "smoke", "--set", "ep.steps=3", "--dry-run", "--results",
+                 str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "overrides of the method presets:\n  ep (its preset 'smoke'): steps 20 -> 3 [command line] on ioi-t1" in out

@@ -11,7 +11,8 @@ says so (exit 0).
 
 ``--edge-faithfulness`` first measures, for every edge e of a circuit, loss(model ‖ model − e) and
 loss(model ‖ circuit − e) on the task's test split (the one step that loads the model), stores
-them in the store's ``edge_faithfulness`` table, then rebuilds the report. The circuit is a file
+them in the store's ``edge_faithfulness`` table (`circuitbench.faithfulness`, recorded with
+`ResultsStore.record`), then rebuilds the report, which only reads the store. The circuit is a file
 (model and task from ``--model``/``--task``, else from the file's meta, as the runner writes
 it) or the id of a stored run (its job's model, task and data seed).
 """
@@ -54,8 +55,9 @@ def edge_faithfulness(args) -> str:
 
     from ..circuit import Circuit
     from ..errors import UserError
+    from ..faithfulness import DEFAULT_LIMIT
+    from ..faithfulness import edge_faithfulness as measure
     from ..models import load_model
-    from ..report import edge_faithfulness as ef
     from ..store import ResultsStore
     from ..tasks import get_task
 
@@ -92,7 +94,7 @@ def edge_faithfulness(args) -> str:
     model_spec = model_spec or getattr(task, "default_model", None)
     if not model_spec:
         raise UserError("--model is needed: the circuit file does not name its model")
-    limit = ef.DEFAULT_LIMIT if args.limit is None else (None if args.limit == 0 else args.limit)
+    limit = DEFAULT_LIMIT if args.limit is None else (None if args.limit == 0 else args.limit)
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
     if args.batch_size < 1:
@@ -111,13 +113,16 @@ def edge_faithfulness(args) -> str:
     else:
         circuit = Circuit.load(path, model.graph)
     seed = 0 if data_seed is None else data_seed
-    result = ef.compute(model, task, circuit, limit=limit, batch_size=args.batch_size, seed=seed,
-                        progress=not args.no_progress, **sizes)
-    ef.record(args.results, result, circuit_name=name, run_id=run_id,
-              circuit_file=str(path) if path.is_file() else None, task=task.name, model=model_spec,
-              split="test", data_seed=seed, device=str(model.device))
-    above = sum(c > m for c, m in zip(result["circuit_without"], result["model_without"]))
-    return (f"edge faithfulness of {name}: {len(result['edges'])} edges on {result['n_examples']} {task.name} "
+    result = measure(model, task, circuit, model_name=model_spec, circuit_name=name, run_id=run_id,
+                     circuit_file=str(path) if path.is_file() else None, limit=limit, batch_size=args.batch_size,
+                     seed=seed, progress=not args.no_progress, **sizes)
+    store = ResultsStore(args.results)
+    try:
+        store.record(result)
+    finally:
+        store.close()
+    above = sum(c > m for c, m in zip(result.circuit_without, result.model_without))
+    return (f"edge faithfulness of {name}: {len(result.edges)} edges on {result.n_examples} {task.name} "
             f"examples; {above} matter more in the circuit than in the model (stored in {args.results})")
 
 

@@ -46,7 +46,7 @@ def load_table(results: str, method=None, task=None, model=None, include_failed:
     """The runs with one column per test metric (``test/<metric>``)."""
     from ..store import ResultsStore
 
-    store = ResultsStore(results, create=False)
+    store = ResultsStore(results, readonly=True)  # reading never migrates a store
     try:
         return store.runs(method=_split(method), task=_split(task), model=_split(model),
                           status=None if include_failed else "complete", with_metrics=True)

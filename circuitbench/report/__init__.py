@@ -13,7 +13,9 @@ writes, under ``out_dir`` (default ``<results_dir>/report``)::
                           edge_faithfulness, edge_faithfulness_edges
 
 A figure or table without data is not written; the page says why in its place. A store without
-runs gets a page saying so. Modules: `data` (loading), `curves` (series, AUC), `figures`,
+runs gets a page saying so. The report only reads: it opens the store read-only and imports no
+engine or model code (measurements it draws, such as edge faithfulness, are computed and recorded
+beforehand: `circuitbench.faithfulness`). Modules: `data` (loading), `curves` (series, AUC), `figures`,
 `tables`, `training`, `diagrams`, `edge_faithfulness`, `html`.
 """
 from __future__ import annotations
@@ -71,7 +73,7 @@ def iter_artifacts(data: ReportData):
             (tables.tracr_recovery_table, "tracr_recovery", "Tracr recovery", "tracr", "table"),
             (tables.case_study_table, "case_study", "Case study", "case_study", "table")):
         yield from _guarded(name, title, section, lambda fn=fn: fn(data), kind)
-    rows = edge_faithfulness.load(data.store.db_path)
+    rows = data.edge_faithfulness
     yield from _guarded("edge_faithfulness", "Edge faithfulness", "edge_faithfulness",
                         lambda: edge_faithfulness.figure(rows))
     yield from edge_faithfulness.tables(rows)
@@ -96,7 +98,6 @@ def build_report(results_dir, out_dir=None) -> dict:
     ``{"index": Path, "out_dir": Path, "empty": bool, "runs": int, "figures": {name: [paths]},
     "tables": {name: [paths]}, "missing": {"figures/NAME" or "tables/NAME": reason}, "seconds": float}``.
     Raises `UserError` when there is no store at ``results_dir``."""
-    from .edge_faithfulness import load as load_edge_faithfulness
     from .html import write_empty_index, write_index
 
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def build_report(results_dir, out_dir=None) -> dict:
         counts = data.store.counts()
         summary = {"out_dir": out, "empty": False, "runs": len(data.runs) + len(data.derived),
                    "figures": {}, "tables": {}, "missing": {}}
-        if data.empty and load_edge_faithfulness(data.store.db_path).empty:
+        if data.empty and data.edge_faithfulness.empty:
             summary.update(empty=True, index=write_empty_index(out, data.root, counts))
             summary["seconds"] = time.perf_counter() - t0
             return summary

@@ -9,9 +9,12 @@ Conventions the report relies on (see the store's schema in `circuitbench.store`
 * A cross-setting evaluation (the same circuit scored on another task's test split, used by the
   case study) is stored under split ``test@<task>``, e.g. ``test@boolexpr-fs``; columns
   ``test@boolexpr-fs/<metric>``. The figures use split ``test`` only.
-* A *derived* job is one whose circuit was not discovered but built from other runs: its config
-  JSON has ``"intersection_of": [run_id_a, run_id_b]`` (the case study's IP ∩ FS circuit). Derived
-  runs appear in the case-study table and the runs list, never as a method in the figures.
+* A *derived* job is one whose circuit was not discovered but built from other runs: the store's
+  ``derived_from`` names them (the case study's IP ∩ FS circuit: ``(ip_run_id, fs_run_id)``).
+  Derived runs appear in the case-study table and the runs list, never as a method in the figures.
+
+The store is opened read-only (`ResultsStore(..., readonly=True)`): building the report never
+writes to it.
 """
 from __future__ import annotations
 
@@ -130,8 +133,9 @@ class ReportData:
     (from the job's config), ``effective_sparsity`` (1 - effective edges / all edges; a run stored
     without an effective count counts all its edges) and ``x_sparsity`` (the figures' x: the
     effective sparsity). ``derived``: the runs of
-    derived jobs (case-study intersections) with ``intersection_of``. ``failed``: failed jobs.
-    ``references``: `ResultsStore.reference_metrics`.
+    derived jobs (case-study intersections) with ``derived_from``. ``failed``: failed jobs.
+    ``references``: `ResultsStore.reference_metrics`. ``edge_faithfulness``: the stored
+    edge-faithfulness rows (`ResultsStore.edge_faithfulness`).
     """
 
     root: Path
@@ -140,6 +144,7 @@ class ReportData:
     derived: pd.DataFrame
     failed: pd.DataFrame
     references: pd.DataFrame
+    edge_faithfulness: pd.DataFrame = field(default_factory=pd.DataFrame)
     _circuits: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -235,7 +240,7 @@ def load_report_data(results_dir) -> ReportData:
         raise UserError(f"{root} is not a folder; --results takes the results folder")
     if not (root / DB_NAME).exists():
         raise UserError(f"no results store in {root} (no {DB_NAME}); run `circuitbench run` first")
-    store = ResultsStore(root, create=False)
+    store = ResultsStore(root, readonly=True)
     runs = store.runs(with_metrics=True)
     failed = store.runs(status="failed")
     if "status" in failed.columns:
@@ -244,11 +249,7 @@ def load_report_data(results_dir) -> ReportData:
     configs = [_config(c) for c in runs["config"]] if len(runs) else []
     runs["eval_limit"] = [c.get("eval_limit") for c in configs] if len(runs) else pd.Series(dtype=float)
     runs["eval_limit"] = pd.to_numeric(runs["eval_limit"], errors="coerce")
-    of = [c.get("intersection_of") for c in configs]
-    is_derived = pd.Series([isinstance(o, (list, tuple)) and len(o) == 2 for o in of], index=runs.index,
-                           dtype=bool)
-    runs["intersection_of"] = [tuple(o) if isinstance(o, (list, tuple)) else None for o in of] if len(runs) \
-        else pd.Series(dtype=object)
+    is_derived = runs["derived_from"].notna().astype(bool)
     # Comparisons count the edges that act: a run stored before effective edges were recorded counts
     # all its edges.
     runs["n_effective"] = runs["n_effective"].fillna(runs["n_edges"]) if len(runs) else runs["n_effective"]
@@ -263,4 +264,5 @@ def load_report_data(results_dir) -> ReportData:
         # variant rides on the preset, so lines, markers and table rows tell them apart
         variants = [_variant(_config(c)) for c in runs["method_config"]]
         runs["method_preset"] = [p + (f", {v}" if p and v else v) for p, v in zip(runs["method_preset"], variants)]
-    return ReportData(root=root, store=store, runs=runs, derived=derived, failed=failed, references=references)
+    return ReportData(root=root, store=store, runs=runs, derived=derived, failed=failed, references=references,
+                      edge_faithfulness=store.edge_faithfulness())

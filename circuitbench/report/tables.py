@@ -10,8 +10,8 @@ The instruction-prompted (IP) and few-shot (FS) circuits are runs of tasks ``boo
 ``boolexpr-fs``. A run's metrics in its own setting are split ``test``; the same circuit scored in
 the other setting is split ``test@<other task>`` (``test@boolexpr-fs`` for an IP run,
 ``test@boolexpr-ip`` for an FS run), with the same metric names (``accuracy``, ``exact_match``,
-...). The intersection is a *derived* job: config JSON with ``"intersection_of": [ip_run_id,
-fs_run_id]`` (method name ``"intersection"`` by convention), task ``boolexpr-ip``, one run whose
+...). The intersection is a *derived* job: the store's ``derived_from`` is ``(ip_run_id,
+fs_run_id)`` (method name ``"intersection"``), task ``boolexpr-ip``, one run whose
 circuit file is IP ∩ FS, with split ``test`` (IP setting) and ``test@boolexpr-fs`` (FS setting).
 IP and FS runs are paired when they share method, preset, model, seed and target sparsity (or
 when an intersection job names them). Without a stored intersection the table still gives its
@@ -298,7 +298,7 @@ def case_study_pairs(data: ReportData) -> list[tuple[dict, dict, dict | None]]:
     derived = data.derived.to_dict("records") if not data.derived.empty else []
     named = {}
     for d in derived:
-        a, b = d["intersection_of"]
+        a, b = d["derived_from"]
         if a in by_id and b in by_id:
             pair = tuple(sorted((a, b), key=lambda rid: by_id[rid]["task"] != ip_task))
             named[pair] = d

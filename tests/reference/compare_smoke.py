@@ -23,7 +23,7 @@ def snapshot(results_dir) -> dict:
     """The comparable content of a results folder: circuits, metrics and reference metrics."""
     from circuitbench.store import ResultsStore
 
-    store = ResultsStore(results_dir, create=False)
+    store = ResultsStore(results_dir, readonly=True)
     runs = store.runs(with_metrics=True)
     out = {"runs": {}, "references": {}}
     for row in runs.to_dict(orient="records"):
