@@ -688,8 +688,9 @@ def test_figures_place_runs_by_effective_edges(tmp_path):
     art = figures.faithfulness(data)
     ax = next(a for a in art.figure.axes if a.get_title())
     x = ax.get_lines()[0].get_xdata()[0]
-    assert x == pytest.approx(1 - (runs[0]["n_edges"] // 2) / runs[0]["total_edges"])
-    assert ax.get_xlabel() == "effective sparsity" and "effective sparsity" in art.caption
+    assert x == pytest.approx((runs[0]["n_edges"] // 2) / runs[0]["total_edges"])  # effective, not kept
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "fraction of edges kept (effective)" and "effective" in art.caption
     data.store.close()
 
 
@@ -771,3 +772,42 @@ def test_auc_bars_add_mib_cpr_and_cmd_panels_when_measured():
     art = figures.auc_bars(none)
     assert [ax.get_title() for ax in art.figure.axes] == ["AUC, linear axis", "AUC, log axis"]
     plt.close(art.figure)
+
+
+def test_each_method_main_series_is_drawn_with_circles(tmp_path):
+    """A method whose only series has its own preset (Edge Pruning's path) is its main series, drawn
+    with circles like the other methods' main series; a method's second training-set size is a side
+    series with a marker of its own, named in the legend."""
+    from test_store import make_job
+
+    from circuitbench.report import figures
+    from circuitbench.report.data import load_report_data
+
+    store = ResultsStore(tmp_path)
+    jobs = [make_job("dddd000000000001", method="eap", sparsities=(0.5, 0.8, 0.9)),
+            make_job("dddd000000000002", method="eap", sparsities=(0.9,)),
+            make_job("dddd000000000003", method="ep", sparsities=(0.8, 0.9))]
+    jobs[1][0]["n_train"] = 400
+    jobs[2][0]["method_preset"] = "paper, path"
+    for job, runs, metrics, circuits, scores in jobs:
+        store.record_job(job, runs, metrics, circuits, scores)
+    store.close()
+    data = load_report_data(tmp_path)
+    art = figures.faithfulness(data)
+    ax = next(a for a in art.figure.axes if a.get_title())
+    markers = {(line.get_label(), len(line.get_xdata())): line.get_marker()
+               for line in ax.get_lines() if line.get_gid() == "series"}
+    side = next(m for (label, n), m in markers.items() if n == 1)
+    assert side != "o"
+    assert all(m == "o" for (label, n), m in markers.items() if n > 1)
+    variants = figures.Variants([panel_curves_of(data)])
+    assert variants.legend_entries()[0] == ("o", "each method's main series")
+    assert any(label == "n=400" for _, label in variants.legend_entries()[1:])
+    data.store.close()
+
+
+def panel_curves_of(data):
+    from circuitbench.report.curves import panel_curves
+
+    task, model = data.panels[0]
+    return panel_curves(data, task, model, "kl")

@@ -176,25 +176,31 @@ def mib_areas(curve: Curve, full: float, empty: float) -> tuple[float, float, st
     return cpr, cmd, f"measured: {inside} sizes from 0.001 to 1, not MIB's grid"
 
 
-def main_variant(curves: list[Curve]) -> tuple:
-    """The (preset, n_train) of a panel's main sweep: the variant with the most points."""
-    counts: dict[tuple, int] = {}
+def main_variants(curves: list[Curve]) -> dict[str, tuple]:
+    """Per method of a panel, the (preset, n_train) of its main series: its variant with the most
+    points (the protocol's run of that method; ties go to the smaller training set). A method's other
+    variants (scaling runs at n=400 and n=100,000, another preset) are side series."""
+    counts: dict[str, dict[tuple, int]] = {}
     for c in curves:
+        per = counts.setdefault(c.method, {})
         key = (c.method_preset, c.n_train)
-        counts[key] = counts.get(key, 0) + len(c.points)
-    return max(counts, key=lambda k: (counts[k], -_num(k[1])))
+        per[key] = per.get(key, 0) + len(c.points)
+    return {m: max(per, key=lambda k: (per[k], -_num(k[1]))) for m, per in counts.items()}
+
+
+def is_main(curve: Curve, mains: dict[str, tuple]) -> bool:
+    return mains.get(curve.method) == (curve.method_preset, curve.n_train)
 
 
 def normalised_panel(curves: list[Curve], full: float, empty: float) -> list[NormalisedCurve]:
     """Normalised curves and both areas for the series of one panel. The log axis covers the
-    fractions kept that every series of the panel's main sweep measured: from the largest of their
-    smallest measured k up to 1, so those methods are integrated over the same range; a series that
-    does not reach down that far (a scaling run at one sparsity, say) has no log-axis area (NaN)."""
+    fractions kept that every method's main series (`main_variants`) measured: from the largest of
+    their smallest measured k up to 1, so those methods are integrated over the same range; a series
+    that does not reach down that far (a scaling run at one sparsity, say) has no log-axis area (NaN)."""
     if not curves or full is None or empty is None or not math.isfinite(full - empty) or full == empty:
         return []
-    main = main_variant(curves)
-    measured_min = [float(c.points["kept"].min()) for c in curves
-                    if len(c.points) and (c.method_preset, c.n_train) == main]
+    mains = main_variants(curves)
+    measured_min = [float(c.points["kept"].min()) for c in curves if len(c.points) and is_main(c, mains)]
     positive = [m for m in measured_min if m > 0]
     log_from = max(positive) if positive else math.nan
     out = []

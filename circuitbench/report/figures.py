@@ -1,8 +1,9 @@
-"""The report's figures: metric against sparsity per task (paper figures 2, 3, 5, 6) and the AUC.
+"""The report's figures: metric against edges kept per task (paper figures 2, 3, 5, 6) and the AUC.
 
 Each function takes the `ReportData` and returns an `Artifact` holding a matplotlib Figure, or
 the reason there is nothing to draw. In every metric panel a method's line is the mean over
-seeds at each target sparsity (x = mean effective sparsity: edges on an input -> logits path) with
+seeds at each target sparsity (x = mean fraction of edges kept that are effective, i.e. on an
+input -> logits path, on a log axis, so 90% to 99.9% sparsity gets the room it needs) with
 a ±1 standard deviation band when there are several seeds; series lines carry ``gid="series"`` and reference lines
 ``gid="reference"`` (tests count them).
 """
@@ -13,7 +14,7 @@ import math
 
 from . import style
 from .artifact import Artifact
-from .curves import Curve, normalised_panels, panel_curves
+from .curves import Curve, is_main, main_variants, normalised_panels, panel_curves
 from .data import (ReportData, accuracy_metric, exact_metric, faithfulness_metric, metric_label,
                    performance_metric)
 
@@ -40,10 +41,11 @@ def _panel_title(task: str, model: str) -> str:
 
 
 class Variants:
-    """Marker per variant of a method (preset, training-set size). In each panel the variant with
-    the most points (the task's main sweep) is drawn with circles; the others (e.g. the scaling
-    runs at n=400 and n=100,000) get a marker of their own, the same in every panel, and the legend
-    names them. Colour says the method, marker the variant."""
+    """Marker per variant of a method (preset, training-set size). In each panel each method's
+    variant with the most points (its main series: the protocol's run of that method) is drawn with
+    circles; the method's other variants (e.g. the scaling runs at n=400 and n=100,000) get a marker
+    of their own, the same for every method and panel, and the legend names them. Colour says the
+    method, marker the variant."""
 
     MAIN = "o"
 
@@ -51,29 +53,24 @@ class Variants:
         self.main: dict[tuple, tuple] = {}
         others: dict[tuple, int] = {}
         for curves in panels:
-            counts: dict[tuple, int] = {}
+            mains = main_variants(curves)
+            for method, main in mains.items():
+                self.main[(curves[0].task, curves[0].model, method)] = main
             for c in curves:
-                counts[self.key(c)] = counts.get(self.key(c), 0) + len(c.points)
-            if not counts:
-                continue
-            main = max(counts, key=lambda k: (counts[k], -_number(k[1])))
-            self.main[(curves[0].task, curves[0].model)] = main
-            for k in counts:
-                if k != main:
-                    others[k] = others.get(k, 0) + counts[k]
+                if not is_main(c, mains):
+                    others[self.key(c)] = others.get(self.key(c), 0) + len(c.points)
         order = sorted(others, key=lambda k: (str(k[0]), _number(k[1])))
         markers = [m for m in style.MARKERS if m != self.MAIN]
         self.marker = {k: markers[i % len(markers)] for i, k in enumerate(order)}
-        keys = set(self.main.values()) | set(others)
-        self.vary_preset = len({k[0] for k in keys}) > 1
-        self.vary_n = len({k[1] for k in keys}) > 1
+        self.vary_preset = len({k[0] for k in others}) > 1
+        self.vary_n = len({k[1] for k in others}) > 1 or bool(others)
 
     @staticmethod
     def key(curve: Curve) -> tuple:
         return (curve.method_preset, curve.n_train)
 
     def of(self, curve: Curve) -> str:
-        if self.main.get((curve.task, curve.model)) == self.key(curve):
+        if self.main.get((curve.task, curve.model, curve.method)) == self.key(curve):
             return self.MAIN
         return self.marker[self.key(curve)]
 
@@ -86,10 +83,10 @@ class Variants:
         return ", ".join(parts)
 
     def legend_entries(self) -> list[tuple[str, str]]:
-        """(marker, label) pairs, the main sweep first; empty when no panel has a second variant."""
+        """(marker, label) pairs, the main series first; empty when no method has a second variant."""
         if not self.marker:
             return []
-        return [(self.MAIN, "main sweep of the task")] + [(m, self.label(k)) for k, m in self.marker.items()]
+        return [(self.MAIN, "each method's main series")] + [(m, self.label(k)) for k, m in self.marker.items()]
 
 
 def _number(value) -> float:
@@ -101,11 +98,12 @@ def _number(value) -> float:
 
 
 def _draw_series(ax, curves: list[Curve], colours, variants: Variants) -> list[float]:
-    """Draw each series (line, markers, ±std band); returns every y value drawn (for scaling)."""
+    """Draw each series (line, markers, ±std band) against the fraction of edges kept (effective);
+    returns every y value drawn (for scaling)."""
     ys = []
     for c in curves:
         p = c.points
-        x = p["sparsity"].to_numpy(float)
+        x = p["kept"].to_numpy(float)
         y = p["mean"].to_numpy(float)
         sd = p["std"].to_numpy(float)
         colour = colours[c.method]
@@ -118,19 +116,15 @@ def _draw_series(ax, curves: list[Curve], colours, variants: Variants) -> list[f
     return ys
 
 
-def _sparsity_axis(ax, xs: list[float]) -> None:
-    """Percent ticks; never past 100% (a single point would otherwise get a symmetric range)."""
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+def _kept_axis(ax) -> None:
+    """A log axis of the fraction of edges kept, a labelled tick per decade: the range where
+    the methods differ (90% to 99.9% sparsity) gets as much room as the rest."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return
-    lo, hi = min(xs), max(xs)
-    pad = max(0.06 * (hi - lo), 0.004)
-    ax.set_xlim(lo - pad, min(hi + pad, 1.0) if hi < 1.0 else 1.0 + pad / 4)
-    span = ax.get_xlim()[1] - ax.get_xlim()[0]
-    ax.xaxis.set_major_locator(MaxNLocator(5))
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0 if span > 0.06 else (1 if span > 0.006 else 2)))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _draw_references(ax, ys: list[float], full: float | None, empty: float | None) -> None:
@@ -195,8 +189,9 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
     """One panel per (task, model) with the metric ``pick(task's stored metric names)``, one line per
     series, the full model (dashed) and empty circuit (dotted) marked from the stored references."""
     art = Artifact(name=name, title=title, section=name,
-                   caption=caption + " x: effective sparsity, 1 - (edges on an input → logits path of kept "
-                                     "edges) / (all edges); dangling edges act on nothing and are not counted.")
+                   caption=caption + " x: fraction of edges kept (effective), (edges on an input → logits path "
+                                     "of kept edges) / (all edges), log axis; dangling edges act on nothing and "
+                                     "are not counted. Effective sparsity is 1 − x.")
     panels = []
     for task, model in data.panels:
         metric = pick(data.test_metrics(task))
@@ -217,7 +212,7 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
     fig, axes = _grid(len(panels))
     for ax, (task, model, metric, curves) in zip(axes, panels):
         ys = _draw_series(ax, curves, colours, variants)
-        _sparsity_axis(ax, [x for c in curves for x in c.points["sparsity"]])
+        _kept_axis(ax)
         full = data.reference(task, model, "full", metric) if full_reference else None
         empty = data.reference(task, model, "empty", metric) if empty_reference else None
         _draw_references(ax, ys, full, empty)
@@ -225,7 +220,7 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
             art.notes.append(f"{task} ({model}): no reference metrics stored; full model and empty circuit "
                              f"not marked")
         ax.set_title(_panel_title(task, model))
-        ax.set_xlabel("effective sparsity")
+        ax.set_xlabel("fraction of edges kept (effective)")
         ax.set_ylabel(metric_label(metric))
         for c in curves:
             art.run_ids += c.run_ids
@@ -236,10 +231,10 @@ def metric_figure(data: ReportData, name: str, title: str, pick, caption: str, w
 
 
 def faithfulness(data: ReportData) -> Artifact:
-    """Paper figure 2: KL(full ‖ circuit) against sparsity (MSE to the full model for numeric Tracr)."""
+    """Paper figure 2: KL(full ‖ circuit) against edges kept (MSE to the full model for numeric Tracr)."""
     return metric_figure(
-        data, "faithfulness", "Faithfulness: KL divergence against sparsity", faithfulness_metric,
-        "KL(full model ‖ circuit) on the test split against the effective sparsity (lower is more "
+        data, "faithfulness", "Faithfulness: KL divergence against edges kept", faithfulness_metric,
+        "KL(full model ‖ circuit) on the test split against the edges kept (lower is more "
         "faithful; MSE to the full model for tracr-xproportion). Mean over seeds, band ±1 s.d. when there "
         "are several; full model (KL 0) dashed, empty circuit dotted.", "faithfulness metric (kl / mse_full)")
 
@@ -247,7 +242,7 @@ def faithfulness(data: ReportData) -> Artifact:
 def performance(data: ReportData) -> Artifact:
     """Paper figure 3: logit difference (IOI, GP, boolexpr) or probability difference (GT)."""
     return metric_figure(
-        data, "performance", "Performance: task metric against sparsity", performance_metric,
+        data, "performance", "Performance: task metric against edges kept", performance_metric,
         "Logit difference (ioi-t1, ioi, gp, boolexpr) or probability difference (gt) of the circuit on "
         "the test split; the full model dashed, the empty circuit dotted.", "logit or probability difference")
 
@@ -255,7 +250,7 @@ def performance(data: ReportData) -> Artifact:
 def exact_match(data: ReportData) -> Artifact:
     """Paper figure 5: exact match (Kendall's τ for GT)."""
     return metric_figure(
-        data, "exact_match", "Exact match against sparsity (Kendall's τ for gt)", exact_metric,
+        data, "exact_match", "Exact match against edges kept (Kendall's τ for gt)", exact_metric,
         "Fraction of examples whose circuit's top prediction equals the full model's (gt: Kendall's τ "
         "between the circuit's and the full model's year-probability rankings).", "exact match or Kendall's τ")
 
@@ -263,15 +258,13 @@ def exact_match(data: ReportData) -> Artifact:
 def accuracy(data: ReportData) -> Artifact:
     """Paper figure 6: accuracy (probability difference 10 for GT)."""
     return metric_figure(
-        data, "accuracy", "Accuracy against sparsity (probability difference 10 for gt)", accuracy_metric,
+        data, "accuracy", "Accuracy against edges kept (probability difference 10 for gt)", accuracy_metric,
         "Fraction of examples whose circuit's top prediction is the correct answer (gt: probability "
         "difference restricted to the 10 years around the start year).", "accuracy or probability difference 10")
 
 
 def auc_curves(data: ReportData) -> Artifact:
     """The normalised faithfulness curves the AUC integrates, on a log axis of edges kept."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     art = Artifact(name="auc_curves", title="Normalised faithfulness against fraction of edges kept",
                    section="auc",
                    caption="(circuit − empty)/(full − empty) of each task's main metric (logit difference, "
@@ -308,10 +301,7 @@ def auc_curves(data: ReportData) -> Artifact:
             if len(k) and k[-1] < 1:
                 ax.plot([k[-1], 1.0], [f[-1], 1.0], color=colour, linewidth=0.9, linestyle=":", alpha=0.8)
             art.run_ids += n.curve.run_ids
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _kept_axis(ax)
         lo = normed[0].log_from
         if math.isfinite(lo):
             ax.axvspan(lo, 1.0, color="0.5", alpha=0.07, linewidth=0)
@@ -328,11 +318,11 @@ def auc_curves(data: ReportData) -> Artifact:
 
 def auc_bars(auc_table) -> Artifact:
     """Bars of the AUC table: per task a group of bars (one per series: colour = method, hatch =
-    a variant other than the task's main sweep), linear axis above, log axis below, values on top."""
+    a variant other than the method's main series), linear axis above, log axis below, values on top."""
     art = Artifact(name="auc", title="Area under the normalised faithfulness curve", section="auc",
                    caption="One number per method and task (higher is better; 1 = as faithful as the full "
                            "model at every size), integrated on a linear and a log axis of edges kept. Hatched "
-                           "bars: runs outside the task's main sweep (another training-set size or preset). Below them, "
+                           "bars: a method's runs outside its main series (another training-set size or preset). Below them, "
                            "when some series has them, MIB's CPR (higher is better) and CMD (lower is better) "
                            "(see the AUC table for which points each integrates; 'n/a' where the sizes do not "
                            "reach 0.1% of the edges).")
@@ -350,14 +340,16 @@ def auc_bars(auc_table) -> Artifact:
     hatches: dict[str, str] = {}
     for task, model in groups:
         rows = auc_table[(auc_table["task"] == task) & (auc_table["model"] == model)]
-        # the task's main sweep: the (preset, n_train) with the most points; others are hatched
-        size = rows.groupby(["preset", "n_train"], dropna=False)["sparsities"].sum()
-        main = size.idxmax()
+        # each method's main series: its (preset, n_train) with the most points; others are hatched
+        main = {}
+        for method, per in rows.groupby("method", sort=False):
+            size = per.groupby(["preset", "n_train"], dropna=False)["sparsities"].sum()
+            main[method] = max(size.index, key=lambda k: (size[k], -_number(k[1])))
         width = max(len(rows), 2.4)  # a narrow group would crowd its two-line label
         start = x + (width - len(rows)) / 2
         for i, (_, r) in enumerate(rows.iterrows()):
             variant = None
-            if (r["preset"], r["n_train"]) != main:
+            if (r["preset"], r["n_train"]) != main[r["method"]]:
                 variant = r["series"][len(r["method"]):].strip(" ()")
                 hatches.setdefault(variant, ("//", "xx", "..", "\\\\", "++")[len(hatches) % 5])
             positions.append((start + i, r, variant))
