@@ -2,7 +2,7 @@
 
 A `BatchPlan` splits a split into a fixed, seeded partition of batches and prepares each one for the
 engine: the corrupted cache (one corrupted pass), the full model's logits at the scored positions
-(one plain pass) and, for ACDC, the full model's writer stack. Methods that loop over the data many
+(one plain pass) and, for ACDC, the full model's writer stack (`MaskedModel.begin`). Methods that loop over the data many
 times keep what fits in ``cache_mib``: the full model's logits first (small: the scored positions
 only), then the corrupted caches and writer stacks (large: every token of every writer); what does
 not fit is recomputed on every use. Also the small helpers every method shares: `valid_float`,
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitbench.engine import CorruptedCache, MaskedModel
+from circuitbench.engine import CorruptedCache, MaskedModel, PassState
 from circuitbench.errors import UserError
 from circuitbench.method import CostMeter
 from circuitbench.tasks.base import Examples
@@ -28,7 +28,7 @@ class PreparedBatch:
     batch: Examples  # on the engine's device
     corrupted: CorruptedCache
     reference: torch.Tensor | None  # the full model's logits [B, P, vocab] at batch.positions
-    stack: torch.Tensor | None  # the full model's writer stack D [W, B*S*d] (ACDC), else None
+    state: PassState | None  # `MaskedModel.begin` of the full model: its writer stack (ACDC), else None
 
     @property
     def size(self) -> int:
@@ -39,7 +39,8 @@ class BatchPlan:
     """A seeded partition of ``examples`` into batches, prepared for ``engine`` on demand.
 
     ``reference``: keep the full model's logits (objectives comparing with the full model);
-    ``stack``: keep the full model's writer stack (restarted passes).
+    ``stack``: prepare each batch for `MaskedModel.retry` (`PreparedBatch.state`: the full
+    model's writer stack).
     """
 
     def __init__(self, engine: MaskedModel, task, examples: Examples, batch_size: int, meter: CostMeter,
@@ -119,7 +120,7 @@ class BatchPlan:
         corrupted = eng.corrupted_cache(batch.corrupted, batch.attention_mask, ablation=self.ablation)
         if self.ablation == "interchange":
             self.meter.forward()
-        reference = stack = None
+        reference = state = None
         if self.want_reference:
             reference = self._references.get(index)
             if reference is None:
@@ -128,13 +129,10 @@ class BatchPlan:
                 if self.keep_reference:
                     self._references[index] = reference
         if self.want_stack:
-            B, S = batch.clean.shape
-            stack = torch.empty(eng.graph.n_writers, B * S * eng.adapter.d_model, device=eng.device,
-                                dtype=eng.dtype)
-            eng(batch.clean, attention_mask=batch.attention_mask, positions=batch.positions,
-                ablation=self.ablation, corrupted=corrupted, stack=stack)  # fills the stack
+            state = eng.begin(batch.clean, attention_mask=batch.attention_mask, positions=batch.positions,
+                              ablation=self.ablation, corrupted=corrupted)  # fills the stack
             self.meter.forward()
-        return PreparedBatch(batch, corrupted, reference, stack)
+        return PreparedBatch(batch, corrupted, reference, state)
 
 
 def valid_float(graph, device, dtype=torch.float32) -> torch.Tensor:

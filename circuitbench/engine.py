@@ -4,39 +4,49 @@ activations, exactly and differentiably.
 Per example pair (clean x, corrupted x~):
 
 1. corrupted pass (no grad): every writer's output y~_w and the corrupted residual stream at every
-   read point (`CorruptedCache`; reusable across steps);
+   read slot (`CorruptedCache`; reusable across steps);
 2. masked pass: a writer stack D = [y_w - y~_w] of shape [writers, B*S*d]; reader r reads
    ``corrupted_residual + sum_w z[w, r] * D_w`` (eq. 3 of Bhaskar et al. 2024), one matrix product
-   per layer. Node masks scale a writer's row of the edge mask.
+   per read point. Node masks scale a writer's row of the edge mask.
 
 All masks 1 reproduce the model; all masks 0 reproduce the corrupted run; zero ablation uses
 y~ = 0. The attention output bias is a constant that rides along in the residual and is never
 ablated.
 
-The writer stack is one preallocated buffer written once per writer; `_ReadMix` reads a prefix of
-it without copying, and its gradient is accumulated in place in one buffer (`_StackGrad`), so a
-read point costs one GEMM forward and two backward, with no growing concatenations and no
-per-read gradient tensors.
+The masked pass is written once (`MaskedModel._pass`, `MaskedModel._layer`): the embedding, then per
+layer its read points (the attention readers of the heads the pass computes, then the MLP reader),
+then the logits; at each one a *read kernel* mixes the writer stack into the readers' inputs and
+takes the outputs back onto the stack. The kernel is chosen once per pass:
 
-Without autograd (evaluation, ACDC's trials) the pass runs only the heads and MLPs that a chain of
-kept edges connects to the logits (`MaskedModel.live_writers`): a sparse circuit costs a fraction
-of the full pass, exactly. Passes restarted at a read slot (ACDC) can recompute only some heads of
-that layer (``fresh_heads``) and share later reads' parts from the writers before the slot
-(``prefix``).
+- `_Dense` (autograd, or an adapter that computes no head subsets): every writer; a read is an
+  autograd function over a prefix of the one preallocated stack (`_ReadMix`), whose gradient is
+  accumulated in place in one buffer (`_StackGrad`), so a read point costs one GEMM forward and two
+  backward, with no growing concatenations and no per-read gradient tensors. When every edge has
+  the same coefficient (the full model; EAP's and eap-mask-ig's masks) a read is a running sum of
+  the stack and each writer's gradient one row (`_UniformRead`). In a parallel block (``graph.parallel``:
+  GPT-NeoX with ``use_parallel_residual``) the attention and the MLP of a layer read the same
+  writers, and the kernel reads all of the layer's readers in one read point, so the writers of
+  the layer before hand their gradient on once. ``MaskedModel(checkpoint=True)`` recomputes each
+  layer in the backward pass.
+- `_Pruned` (no autograd: evaluation, ACDC's trials): only the heads and MLPs that a chain of kept
+  edges connects to the logits (`MaskedModel.live_writers`); a read gathers the rows of the writers
+  with a non-zero coefficient when they are few. A sparse circuit costs a fraction of the full
+  pass, exactly.
+- `_Copies` (a `_Pruned` retry with ``column=``): K copies of a restarted pass whose masks differ
+  in one reader's column (ACDC's batched trials), in one pass.
 
-When every edge has the same coefficient (the full model; EAP's and eap-mask-ig's masks), a read is a
-running sum of the stack and each writer's gradient one row (`_UniformRead`).
-
-Parallel blocks (``graph.parallel``: GPT-NeoX with ``use_parallel_residual``): the attention and
-the MLP of layer l both read the writers before the layer (their read slots 2l and 2l+1 hold the
-same corrupted residual) and the layer adds the heads, the output bias and the MLP's output to the
-residual. The autograd pass reads all of a parallel layer's readers in one read point, so the
-writers of the layer before hand their gradient on once.
+Incremental re-evaluation (ACDC, EAP-IG's interpolated runs) goes through an explicit object:
+``state = engine.begin(...)`` prepares a batch and fills its writer stack (`PassState`);
+``engine.retry(state, edge_mask, slot=s, ...)`` runs the pass from read slot ``s`` on (the
+`Graph.slots` numbering), taking the stack's rows of the writers before it as given, and leaves its
+own rows in the stack. A retry at an attention slot can recompute only some heads of that layer
+(``heads``), try K candidate columns of one reader at once (``column``) and keep each later read's
+part from the writers before the slot for the next retries at that slot (``share_reads``).
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -167,6 +177,32 @@ class CorruptedCache:
         return r if rows is None else r.view(-1, d)[rows].reshape(-1)
 
 
+@dataclass(eq=False)
+class PassState:
+    """A batch prepared for incremental re-evaluation (`MaskedModel.begin`, `MaskedModel.retry`).
+
+    ``ids`` [B, S] and ``attention_mask`` on the engine's device; ``rows`` (flat token rows of the
+    scored positions, None = every position) and ``n_positions``; ``corrupted``: the batch's
+    `CorruptedCache`; ``stack``: the writer stack D [writers, B*S*d] of the last pass run on it (each
+    retry rewrites the rows of the writers it computes). The engine also keeps here the later reads'
+    shared parts of one read slot (``share_reads``): they hold while the retries stay at that slot
+    and keep the edges from the writers before it into later readers.
+    """
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    rows: torch.Tensor | None
+    n_positions: int
+    corrupted: CorruptedCache
+    stack: torch.Tensor
+    shared: dict = field(default_factory=dict, repr=False)  # (slot, readers) -> [readers, tokens * d]
+    shared_for: tuple | None = field(default=None, repr=False)  # (slot, the later edges they were made with)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+
 class MaskedModel(torch.nn.Module):
     """A loaded model whose edges and nodes can be masked.
 
@@ -176,6 +212,9 @@ class MaskedModel(torch.nn.Module):
     ignored), ``node_mask`` is ``[writers]``; None means all ones. ``positions`` is a LongTensor
     ``[B, P]`` or ``[B]`` of token indices to score, or None for all. Pass ``corrupted=`` a
     `CorruptedCache` from `corrupted_cache` to skip the corrupted pass.
+
+    Incremental re-evaluation: `begin` (the same arguments, plus ``stack``) returns a `PassState`,
+    and `retry` reruns the pass from a read slot on with another mask.
     """
 
     def __init__(self, model, checkpoint: bool = False):
@@ -186,8 +225,7 @@ class MaskedModel(torch.nn.Module):
         self.checkpoint = checkpoint
         self.adapter = model.adapter
         self.graph = model.graph
-        g = self.graph
-        self._L, self._H = g.n_layers, g.n_heads
+        self._L = model.graph.n_layers
 
     # ---- helpers ---------------------------------------------------------------------------------
     @property
@@ -237,7 +275,7 @@ class MaskedModel(torch.nn.Module):
         resid = a.embed(ids).to(self.dtype)
         if capture:
             writers = resid.new_empty(g.n_writers, B, S, resid.shape[-1])
-            slots = resid.new_empty(2 * self._L + 1, B, S, resid.shape[-1])
+            slots = resid.new_empty(g.n_slots, B, S, resid.shape[-1])
             writers[0] = resid
         for l in range(self._L):
             if capture:
@@ -260,8 +298,8 @@ class MaskedModel(torch.nn.Module):
                 writers[g.mlp_writer(l)] = m
             resid = resid + m
         if capture:
-            slots[2 * self._L] = resid
-            return writers.view(g.n_writers, -1), slots.view(2 * self._L + 1, -1)
+            slots[g.logits_slot] = resid
+            return writers.view(g.n_writers, -1), slots.view(g.n_slots, -1)
         return resid
 
     def corrupted_cache(self, corrupted_ids=None, attention_mask=None, ablation="interchange",
@@ -275,7 +313,7 @@ class MaskedModel(torch.nn.Module):
             if shape is None:
                 raise ValueError("zero ablation needs the batch shape (pass corrupted_ids or shape)")
             d = self.adapter.d_model
-            consts = torch.zeros(2 * self._L + 1, d, device=self.device, dtype=self.dtype)
+            consts = torch.zeros(self.graph.n_slots, d, device=self.device, dtype=self.dtype)
             acc = torch.zeros(d, device=self.device, dtype=self.dtype)
             for l in range(self._L):
                 consts[2 * l] = acc
@@ -284,7 +322,7 @@ class MaskedModel(torch.nn.Module):
                     acc = acc + b
                 # a parallel block's MLP reads the layer's input, without this layer's output bias
                 consts[2 * l + 1] = consts[2 * l] if self.graph.parallel else acc
-            consts[2 * self._L] = acc
+            consts[self.graph.logits_slot] = acc
             return CorruptedCache("zero", tuple(shape), None, consts)
         if corrupted_ids is None:
             raise UserError("interchange ablation needs corrupted token ids")
@@ -306,145 +344,208 @@ class MaskedModel(torch.nn.Module):
 
     # ---- the masked pass -----------------------------------------------------------------------------
     def forward(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None,
-                node_mask=None, positions=None, ablation="interchange", corrupted=None,
-                start_slot=0, stack=None, fresh_heads=None, prefix=None, column=None):
-        """The masked pass; see the class docstring.
+                node_mask=None, positions=None, ablation="interchange", corrupted=None):
+        """The masked pass; see the class docstring. Without autograd (``torch.no_grad()``:
+        evaluation) it computes only the writers that can reach the logits through kept edges
+        (`live_writers`) when the adapter computes head subsets."""
+        state = self._state(clean_ids, corrupted_ids, attention_mask, positions, ablation, corrupted,
+                            zeros=self._prunes())
+        return self._pass(state, self._effective_mask(edge_mask, node_mask))
 
-        Restarting part-way (ACDC's trials): ``stack`` is a ``[writers, B*S*d]`` tensor used as the
-        writer stack D. The pass reads the rows of the writers computed before read slot
-        ``start_slot`` (the `CorruptedCache` slot numbering: 2l = layer l's attention readers, 2l+1
-        = its MLP reader, 2L = the logits; before slot 2l+1 the heads of layer l are computed, also
-        in a parallel block) as given, and overwrites every later row in place, so
-        after the call ``stack`` holds this pass's writer stack; a later pass whose masks differ
-        only in readers at or after some slot can restart there with the same ``stack``. Passing
-        ``stack`` with ``start_slot=0`` computes everything and fills it.
+    def begin(self, clean_ids, corrupted_ids=None, attention_mask=None, edge_mask=None, node_mask=None,
+              positions=None, ablation="interchange", corrupted=None, stack=None) -> PassState:
+        """Prepare a batch for `retry`: its `PassState`, whose writer stack is filled by one masked
+        pass (without autograd) of ``edge_mask``/``node_mask`` (None: the full model). The arguments
+        are `forward`'s.
 
-        Without autograd (``torch.no_grad()``: evaluation, ACDC's trials) the pass computes only
-        the writers that can reach the logits through kept edges (`live_writers`) when the adapter
-        supports head subsets; their stack rows are the only ones written, so a restarted pass must
-        not read a writer before ``start_slot`` that was dead in the pass that filled ``stack``
-        (ACDC fills it with the full model, where every writer is live).
-
-        ``fresh_heads`` (a restart at an attention slot 2l without autograd only; a sequence of
-        head indices of layer l): compute only these heads of layer l and take the other heads'
-        rows of ``stack`` as given. The caller vouches that those rows hold what this mask makes
-        them (ACDC: a trial changes one reader's edges, so only the heads that reader feeds, and
-        heads a rejected trial left with the trial's rows, need computing).
-
-        ``prefix`` (restarts without autograd only; a dict the caller keeps): a series of passes
-        that restart at the same slot from the same stack and differ only in the edges into readers
-        of that slot (ACDC's trials at one slot) share each later read's contribution from the
-        writers before the slot. The first pass of the series stores it in ``prefix``, [readers,
-        tokens * d] per later read point, and the others read only the rows from the slot on. Start a
-        new dict whenever the slot, the stack's earlier rows or a later reader's edges change.
-
-        ``column=(reader, values)`` (restarts without autograd only, on an adapter with head
-        subsets; ``values`` a ``[K, writers]`` tensor): K copies of the restarted pass in one,
-        copy k's edge mask being ``edge_mask`` with ``reader``'s column replaced by ``values[k]``
-        (ACDC's batched trials: K candidate removals into one reader). ``start_slot`` must be
-        ``reader``'s read slot. Returns ``[K * B, P, vocab]``, copy k in rows ``k*B:(k+1)*B``. The
-        copies share the stack's rows of the writers before the slot (read once, never copied) and
-        every later read's part from them (``prefix`` works as for single passes, with the same
-        keys); the copies' own rows, from the slot on, live in a scratch buffer of the call:
-        ``stack`` is read, never written (at slot 0 its input row is rewritten, as by every pass
-        from slot 0), so ``stack`` still holds what it held before. With ``fresh_heads`` (an
-        attention slot), each copy computes those heads and the heads ``reader`` feeds (added when
-        missing); the other live heads of the layer are taken from ``stack``, the same in every
-        copy. Later reads use ``edge_mask`` in every copy. Raises ValueError with autograd on,
-        without ``stack``, on an adapter without head subsets, or when ``start_slot`` is not the
-        reader's slot (there is no fallback: the caller runs K single passes instead).
+        ``stack`` (a ``[writers, B*S*d]`` tensor in the engine's dtype): the batch's writer stack
+        under those masks, already computed (EAP-IG: the clean run's y - y~, the full model's);
+        no pass runs and the state uses it in place.
         """
-        a, g = self.adapter, self.graph
+        with torch.no_grad():
+            state = self._state(clean_ids, corrupted_ids, attention_mask, positions, ablation, corrupted,
+                                stack=stack, zeros=self._prunes())
+            if stack is None:
+                self._pass(state, self._effective_mask(edge_mask, node_mask))
+        return state
+
+    def retry(self, state: PassState, edge_mask=None, node_mask=None, *, slot=None, heads=None, column=None,
+              share_reads=False) -> torch.Tensor:
+        """The masked pass of ``state``'s batch from read slot ``slot`` on (`Graph.slots`; default
+        0, or ``column``'s reader's slot): the stack's rows of the writers computed before the slot
+        (``graph.slots[slot].before``) are taken as given, every later row the pass computes is
+        overwritten in place, so afterwards the stack holds this pass's writer stack and a later
+        retry whose masks differ only in readers at or after some slot can start there. Returns the
+        logits ``[B, P, vocab]``; with autograd on, gradients reach the masks as in `forward`.
+
+        The caller vouches that the given rows hold what ``edge_mask`` makes them (ACDC: every
+        reader before the slot is unchanged since the stack was filled). Without autograd only the
+        live writers' rows are written (`live_writers`), so a retry must not read a writer before
+        the slot that was dead in the pass that filled them (ACDC fills them with the full model).
+
+        Retries without autograd on an adapter with head subsets only (ValueError otherwise):
+
+        - ``heads`` (at an attention slot 2l; head indices of layer l): compute only these heads of
+          the layer and take the other heads' rows as given (ACDC: a trial changes one reader's
+          edges, so only the heads that reader feeds, and heads a rejected trial left with the
+          trial's rows, need computing).
+        - ``column=(reader, values)``, ``values`` ``[K, writers]``: K copies of the pass in one, copy
+          k's edge mask being ``edge_mask`` with ``reader``'s column replaced by ``values[k]`` (ACDC's
+          batched trials). ``slot`` must be the reader's slot. Returns ``[K * B, P, vocab]``, copy k in
+          rows ``k*B:(k+1)*B``. The copies share the rows before the slot (read once) and every
+          later read's part from them; their own rows live in a scratch buffer of the call, so the
+          stack keeps what it held (at slot 0 its input row is rewritten with the same values).
+          With ``heads``, each copy computes those heads and the heads ``reader`` feeds; the other
+          live heads of the layer are taken from the stack, the same in every copy.
+        - ``share_reads``: keep each later read's part from the writers before the slot in the state
+          and reuse it in the next retries at this slot (ACDC's trials at one slot, single or
+          batched); the first such retry computes it. Memory: a ``[readers, tokens * d]`` row block
+          per later read point. Kept parts are dropped by a retry at another slot or when the edges
+          from those writers into later readers change.
+        """
+        g = self.graph
+        if column is not None:
+            column = self._check_column(column, node_mask)
+            slot = g.read_slot(column[0]) if slot is None else slot
+        slot = 0 if slot is None else int(slot)
+        if not 0 <= slot < g.n_slots:
+            raise ValueError(f"slot must lie in [0, {g.n_slots - 1}], got {slot}")
+        if column is not None and g.read_slot(column[0]) != slot:
+            raise ValueError(f"column's reader {column[0]} is read at slot {g.read_slot(column[0])}, not at "
+                             f"slot {slot}")
+        if heads is not None and g.slots[slot].kind != "attn":
+            raise ValueError(f"heads= needs a retry at an attention slot (even, < {g.logits_slot}), got slot {slot}")
+        if (heads is not None or share_reads) and not self._prunes():
+            raise ValueError("heads=, column= and share_reads= need a retry without autograd (torch.no_grad()) "
+                             "on an adapter with head_subsets")
+        mask = self._effective_mask(edge_mask, node_mask)
+        return self._pass(state, mask, slot, heads, column, self._shared_reads(state, mask, slot, share_reads))
+
+    def _prunes(self) -> bool:
+        """Whether a pass now runs the pruned kernels (no autograd, an adapter with head subsets)."""
+        return not torch.is_grad_enabled() and getattr(self.adapter, "head_subsets", False)
+
+    def _state(self, clean_ids, corrupted_ids, attention_mask, positions, ablation, corrupted, stack=None,
+               zeros=False) -> PassState:
+        """A batch's `PassState`: checked ids, the corrupted cache, scored rows and a writer stack
+        (new: zeros when ``zeros``, so that rows a pruned pass leaves unwritten are finite)."""
+        g = self.graph
         ids, attention_mask = self._prep(clean_ids, attention_mask)
         B, S = ids.shape
-        if not 0 <= start_slot <= 2 * self._L:
-            raise ValueError(f"start_slot must lie in [0, {2 * self._L}], got {start_slot}")
-        if start_slot and stack is None:
-            raise ValueError("a pass that starts after the embeddings needs the writer stack (stack=)")
-        if fresh_heads is not None and (stack is None or start_slot % 2 or start_slot == 2 * self._L):
-            raise ValueError("fresh_heads needs a restart at an attention slot (even start_slot < 2L) and stack=")
-        if column is not None:
-            column = self._check_column(column, start_slot, stack, node_mask)
         if corrupted is None:
             corrupted = self.corrupted_cache(corrupted_ids, attention_mask, ablation, shape=(B, S))
         elif corrupted.shape != (B, S):
             raise UserError(f"corrupted cache is for a batch of shape {corrupted.shape}, not {(B, S)}")
-        mask = self._effective_mask(edge_mask, node_mask)
         rows, P = self._rows(positions, B, S)
-
-        ctx = a.context(S, attention_mask, self.device)
-        d = self.adapter.d_model
-        N = B * S * d
-        ytil = corrupted.writers  # None: zero ablation
-        prune = not torch.is_grad_enabled() and getattr(a, "head_subsets", False)
-        if stack is None:  # the writer stack D (zeros without autograd: rows of dead writers stay finite)
-            buf = (torch.zeros if prune else torch.empty)(g.n_writers, N, device=self.device, dtype=self.dtype)
+        N = B * S * self.adapter.d_model
+        if stack is None:
+            stack = (torch.zeros if zeros else torch.empty)(g.n_writers, N, device=self.device, dtype=self.dtype)
         elif tuple(stack.shape) != (g.n_writers, N) or stack.dtype != self.dtype:
             raise ValueError(f"stack must be {self.dtype} of shape {(g.n_writers, N)}, got "
                              f"{stack.dtype} {tuple(stack.shape)}")
+        return PassState(ids, attention_mask, rows, P, corrupted, stack)
+
+    def _shared_reads(self, state, mask, slot, share) -> dict | None:
+        """The state's kept later reads for a retry at ``slot`` (None: not shared). They were made
+        from the rows before one slot and the edges from them into later readers: a retry at
+        another slot rewrites or passes those rows, and other edges make other reads."""
+        later = mask[:self.graph.slots[slot].before, self.graph.slots[slot].readers.stop:]
+        if state.shared_for is not None and (state.shared_for[0] != slot or
+                                             (share and not torch.equal(state.shared_for[1], later))):
+            state.shared.clear()
+            state.shared_for = None
+        if not share:
+            return None
+        if state.shared_for is None:
+            state.shared_for = (slot, later.clone())
+        return state.shared
+
+    def _pass(self, state, mask, start=0, heads=None, column=None, shared=None):
+        """The masked pass of ``state``'s batch from read slot ``start`` on, with the read kernel
+        chosen once (module docstring): the embedding (from slot 0), each layer's read points, the
+        logits."""
+        a, g = self.adapter, self.graph
+        if not self._prunes():
+            k = _Dense(self, state, mask, start)
+        elif column is None:
+            k = _Pruned(self, state, mask, start, heads, shared)
         else:
-            buf = stack
+            k = _Copies(self, state, mask, start, heads, shared, column)
+        if start == 0:
+            k.push(slice(0, 1), a.embed(state.ids).to(self.dtype)[None])
+        for l in range(start // 2, g.n_layers):
+            if k.recompute:  # re-running a layer rewrites its own stack rows with the same values
+                k.pending = [torch.utils.checkpoint.checkpoint(self._checkpointed, k, l, k.latest(),
+                                                               use_reentrant=False)]
+            else:
+                self._layer(k, l)
+        final = k.read(g.logits_slot, g.slots[g.logits_slot].readers, state.rows)
+        return a.unembed(final.view(-1, state.n_positions, k.d))
 
-        if prune:  # evaluation and search passes: nodes no kept edge reads are never computed
-            if column is not None:  # the copies' attention sees every copy's batch rows
-                K = column[1].shape[0]
-                ctx = a.context(S, None if attention_mask is None else attention_mask.repeat(K, 1), self.device)
-            return self._pruned_pass(ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads, prefix,
-                                     column)
-        if fresh_heads is not None or prefix is not None or column is not None:
-            raise ValueError("fresh_heads, prefix and column need a pass without autograd on an adapter with "
+    def _layer(self, k, l):
+        """Layer ``l``'s read points under kernel ``k``: its attention readers (of the heads the pass
+        computes; none in a retry from the layer's MLP slot), then its MLP reader."""
+        a, g = self.adapter, self.graph
+        B, S, d = k.copies * k.B, k.S, k.d
+        hs = g.head_writers(l)
+        mw, mr = g.mlp_writer(l), g.mlp_reader(l)
+        if k.start <= 2 * l:
+            heads = k.heads(l)
+            if heads is None and g.parallel and k.joint:  # attention and MLP read the same writers: one read point
+                # (its MLP reader comes right after its attention readers), so the writers before it get
+                # their finished gradient once
+                ar = g.attn_readers(l)
+                xa, xm = k.read(2 * l, slice(ar.start, mr + 1)).split([mr - ar.start, 1])
+                k.push(hs, a.attention(l, xa.view(-1, B, S, d), k.ctx, per_head=True))
+                k.push(slice(mw, mw + 1), a.mlp(l, xm.view(B, S, d))[None])
+                return
+            if heads is None:
+                x = k.read(2 * l, g.attn_readers(l))
+                k.push(hs, a.attention(l, x.view(-1, B, S, d), k.ctx, per_head=True))
+            elif heads:
+                sub = torch.tensor(heads, device=self.device)
+                x = k.read(2 * l, self._head_readers(l, sub))
+                k.push(hs.start + sub, a.attention(l, x.view(-1, B, S, d), k.ctx, per_head=True, heads=sub))
+        if k.mlp_live(l):
+            x = k.read(2 * l + 1, slice(mr, mr + 1))
+            k.push(slice(mw, mw + 1), a.mlp(l, x.view(B, S, d))[None])
+
+    def _checkpointed(self, k, l, latest):
+        """`_layer` as a function of the writers pushed before it, returning those it pushes
+        (gradient checkpointing)."""
+        k.pending = [] if latest is None else [latest]
+        self._layer(k, l)
+        return k.latest()
+
+    def _head_readers(self, l, sub):
+        """The readers of heads ``sub`` (a LongTensor of head indices) of layer ``l``: their query
+        readers, then the key and the value readers of their key/value groups."""
+        g = self.graph
+        ar, H, G = g.attn_readers(l), g.n_heads, g.kv_heads
+        groups, _ = self.adapter.kv_groups(sub)
+        return torch.cat([ar.start + sub, ar.start + H + groups, ar.start + H + G + groups])
+
+    def _check_column(self, column, node_mask):
+        """`retry`'s ``column`` validated: (reader, values [K, W] on the engine's device and dtype,
+        node mask applied)."""
+        g = self.graph
+        try:
+            reader, values = column
+            reader = int(reader)
+        except (TypeError, ValueError):
+            raise ValueError("column must be a pair (reader, values [K, writers])") from None
+        if not self._prunes():
+            raise ValueError("column needs a retry without autograd (torch.no_grad()) on an adapter with "
                              "head_subsets")
-        state = _StackGrad()
-        recompute = self.checkpoint and torch.is_grad_enabled()
-        # one coefficient on every edge (the full model, EAP): reads are one running sum
-        c = None if recompute or start_slot else self._uniform_value(mask)
-        running = None if c is None else torch.zeros(N, device=self.device, dtype=self.dtype)
-
-        def push(start, out):  # out: [n, ...] writer outputs; the stack stores D = out - y~
-            rows_ = slice(start, start + out.shape[0])
-            flat = out.detach().reshape(out.shape[0], N)
-            if ytil is None:
-                buf[rows_] = flat
-            else:
-                torch.sub(flat, ytil[rows_], out=buf[rows_])
-            if running is not None:
-                running.add_(buf[rows_].sum(0))
-            return out
-
-        def read(n_writers, readers, slot, latest, rows=None):
-            base = corrupted.resid_at(slot, rows, d)
-            if c is not None:
-                return _UniformRead.apply(mask[:n_writers, readers], base, buf, rows, d, state, latest, running, c)
-            return _ReadMix.apply(mask[:n_writers, readers], base, buf, rows, d, state, latest)
-
-        # `latest`: the writer output just before each read point (None: a given, constant prefix)
-        latest = push(0, a.embed(ids).to(self.dtype)[None]) if start_slot == 0 else None
-        def layer(l, latest, mask):
-            if g.parallel and start_slot <= 2 * l:
-                # attention and MLP read the same writers: one read point for all the layer's readers
-                # (its MLP reader comes right after its attention readers), so the writers before it
-                # get their finished gradient once
-                ar, mr = g.attn_readers(l), g.mlp_reader(l)
-                x = read(g.writers_before_attn(l), slice(ar.start, mr + 1), 2 * l, latest)
-                xa, xm = x.split([mr - ar.start, 1])
-                heads = push(g.head_writers(l).start, a.attention(l, xa.view(-1, B, S, d), ctx, per_head=True))
-                m = push(g.mlp_writer(l), a.mlp(l, xm.view(B, S, d))[None])
-                return torch.cat([heads, m])  # this layer's writers, the last rows the next read covers
-            if start_slot <= 2 * l:
-                x = read(g.writers_before_attn(l), g.attn_readers(l), 2 * l, latest).view(-1, B, S, d)
-                latest = push(g.head_writers(l).start, a.attention(l, x, ctx, per_head=True))
-            mr = g.mlp_reader(l)
-            x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1, latest).view(B, S, d)
-            return push(g.mlp_writer(l), a.mlp(l, x)[None])
-
-        for l in range(start_slot // 2, self._L):
-            if recompute:  # re-running a layer rewrites its own stack rows with the same values
-                latest = torch.utils.checkpoint.checkpoint(layer, l, latest, mask, use_reentrant=False)
-            else:
-                latest = layer(l, latest, mask)
-        lr = g.logits_reader
-        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, latest, rows)
-        return a.unembed(final.view(B, P, d))
+        if not 0 <= reader < g.n_readers:
+            raise ValueError(f"column's reader must lie in [0, {g.n_readers}), got {reader}")
+        values = torch.as_tensor(values)
+        if values.dim() != 2 or values.shape[1] != g.n_writers or values.shape[0] < 1:
+            raise ValueError(f"column's values must be [K >= 1, {g.n_writers}], got {tuple(values.shape)}")
+        values = values.to(device=self.device, dtype=self.dtype)
+        if node_mask is not None:
+            values = values * node_mask.to(device=self.device, dtype=self.dtype)[None, :]
+        return reader, values
 
     def live_writers(self, mask: torch.Tensor) -> torch.Tensor:
         """Writers whose output can reach the logits under ``mask`` (effective, [W, R]): bool [W].
@@ -477,218 +578,6 @@ class MaskedModel(torch.nn.Module):
         alive[0] = (nz[0] & need).any()
         return alive
 
-    def read_slot(self, reader: int) -> int:
-        """The read slot of ``reader`` (`CorruptedCache` numbering: 2l = layer l's attention
-        readers, 2l+1 = its MLP reader, 2L = the logits)."""
-        g = self.graph
-        if reader == g.logits_reader:
-            return 2 * self._L
-        layer, offset = divmod(reader, g.readers_per_layer)
-        return 2 * layer + int(offset >= g.attn_readers_per_layer)
-
-    def _fed_heads(self, reader: int) -> list[int]:
-        """The heads (indices within their layer) whose input ``reader`` is: a query reader's head,
-        every head of a key/value reader's group; none for an MLP reader or the logits."""
-        g = self.graph
-        if reader == g.logits_reader:
-            return []
-        offset = reader % g.readers_per_layer
-        if offset < g.n_heads:
-            return [offset]
-        if offset < g.attn_readers_per_layer:
-            group = (offset - g.n_heads) % g.kv_heads
-            per = g.n_heads // g.kv_heads
-            return list(range(group * per, (group + 1) * per))
-        return []
-
-    def _check_column(self, column, start_slot, stack, node_mask):
-        """``forward``'s ``column`` validated: (reader, values [K, W] on the engine's device and dtype,
-        node mask applied)."""
-        g = self.graph
-        try:
-            reader, values = column
-            reader = int(reader)
-        except (TypeError, ValueError):
-            raise ValueError("column must be a pair (reader, values [K, writers])") from None
-        if torch.is_grad_enabled() or not getattr(self.adapter, "head_subsets", False):
-            raise ValueError("column needs a pass without autograd (torch.no_grad()) on an adapter with head_subsets")
-        if stack is None:
-            raise ValueError("column needs a restart from a writer stack (stack=)")
-        if not 0 <= reader < g.n_readers:
-            raise ValueError(f"column's reader must lie in [0, {g.n_readers}), got {reader}")
-        if self.read_slot(reader) != start_slot:
-            raise ValueError(f"column's reader {reader} is read at slot {self.read_slot(reader)}, "
-                             f"not at start_slot {start_slot}")
-        values = torch.as_tensor(values)
-        if values.dim() != 2 or values.shape[1] != g.n_writers or values.shape[0] < 1:
-            raise ValueError(f"column's values must be [K >= 1, {g.n_writers}], got {tuple(values.shape)}")
-        values = values.to(device=self.device, dtype=self.dtype)
-        if node_mask is not None:
-            values = values * node_mask.to(device=self.device, dtype=self.dtype)[None, :]
-        return reader, values
-
-    def _writers_before(self, slot: int) -> int:
-        """How many writers are computed before read slot ``slot`` in the pass's order (a prefix): a
-        restart there takes their rows as given. Before an MLP slot the layer's heads are computed,
-        also in a parallel block, where the MLP does not read them (its reader reads fewer rows)."""
-        g = self.graph
-        if slot == 2 * self._L:
-            return g.n_writers
-        return g.writers_before_attn(slot // 2) if slot % 2 == 0 else g.head_writers(slot // 2).stop
-
-    def _pruned_pass(self, ids, ctx, mask, corrupted, buf, rows, P, start_slot, fresh_heads=None, prefix=None,
-                     column=None):
-        """The masked pass without autograd, computing only live writers (`live_writers`): dead
-        heads and MLPs and their readers are skipped; a read point gathers the rows of the writers
-        with a non-zero coefficient when they are few, and otherwise reads the stack in place. Equal to the full
-        masked pass up to float rounding. Stack rows of dead writers are left as
-        they were: every coefficient that reads them is 0 (a kept edge into a live reader makes its
-        writer live), so they must only be finite: a new stack starts at zero, and a given one was
-        filled by an earlier pass. ``fresh_heads``, ``prefix``, ``column``: see `forward`.
-
-        With ``column`` (K copies), rows of writers before the slot are read from ``buf`` once for
-        all copies; the rows of the live writers from the slot on are written to ``own`` ``[live
-        writers after, K * B*S*d]`` (in writer order; copy k's part of a row at ``k*B*S*d``), so a
-        later read is one product over the copies' rows, ``[R, K * tokens * d]``, plus the copies'
-        shared part from the writers before the slot. Dead writers get no row (every coefficient
-        that would read one is 0).
-        """
-        a, g, d = self.adapter, self.graph, self.adapter.d_model
-        B, S = ids.shape
-        N = B * S * d
-        ytil = corrupted.writers
-        live_list = self.live_writers(mask).tolist()
-        K = 1 if column is None else column[1].shape[0]
-        before = self._writers_before(start_slot)  # rows the copies share (column passes)
-        own = None
-        if column is not None:
-            reader_k, values_k = column
-            after = [w for w in range(before, g.n_writers) if live_list[w]]  # the copies' own rows
-            row_of = {w: i for i, w in enumerate(after)}
-            after_t = torch.tensor(after, device=self.device, dtype=torch.long)
-            own = buf.new_empty(len(after), K * N)
-
-        def push(index, out):  # index: a slice or a LongTensor of writer rows; out [n, K*B, S, d]
-            flat = out.reshape(out.shape[0], -1)
-            if own is not None and not (isinstance(index, slice) and index.stop <= before):
-                n = out.shape[0]  # a copy's rows: the copies' own buffer, D = out - y~ per copy
-                if isinstance(index, slice):  # live writers, consecutive in ``own`` too
-                    at = row_of[index.start]
-                    dest = own[at:at + n]
-                    if ytil is None:
-                        dest.copy_(flat)
-                    else:
-                        torch.sub(flat.view(n, K, N), ytil[index][:, None, :], out=dest.view(n, K, N))
-                    return
-                if ytil is not None:
-                    flat = (flat.view(n, K, N) - ytil.index_select(0, index)[:, None, :]).view(n, K * N)
-                at = torch.tensor([row_of[w] for w in index.tolist()], device=self.device)
-                own.index_copy_(0, at, flat)
-                return
-            if isinstance(index, slice):  # contiguous rows: written in place, no temporaries
-                if ytil is None:
-                    buf[index] = flat
-                else:
-                    torch.sub(flat, ytil[index], out=buf[index])
-                return
-            if ytil is not None:
-                flat = flat - ytil.index_select(0, index)
-            buf.index_copy_(0, index, flat)
-
-        def mix(base, m, lo, hi, token_rows, src_buf=None, offset=0, copies=1):
-            # base + m.T @ (rows lo..hi of src_buf, numbered from ``offset``), m: [hi - lo, R]; only
-            # writers with a non-zero coefficient contribute (all of them live, so finite rows).
-            # ``copies``: each row holds that many copies of the tokens (the column pass's own rows)
-            src_buf = buf if src_buf is None else src_buf
-            lo_, hi_ = lo - offset, hi - offset
-            used = (m != 0).any(1).nonzero().flatten()
-            k = len(used)
-            if token_rows is not None:  # a few token rows of the writers read: a small gather
-                if copies > 1:
-                    token_rows = (torch.arange(copies, device=token_rows.device)[:, None] * (B * S)
-                                  + token_rows[None, :]).flatten()
-                src = src_buf[lo_:hi_].view(hi - lo, copies * B * S, d)[used[:, None], token_rows[None, :]]
-                src, m = src.reshape(k, len(token_rows) * d), m[used]
-            elif (2 if m.shape[1] >= 4 else 3) * k <= hi - lo:  # few rows read: gather them
-                src, m = src_buf.index_select(0, used + lo_), m[used]
-            else:  # every row: the others are read with coefficient 0 (finite: see the docstring)
-                src = src_buf[lo_:hi_]
-            if base is None:
-                return m.t() @ src
-            return torch.addmm(base, m.t(), src)
-
-        # writers before the restart slot: their part of every later read is the same in every pass
-        # of the caller's series (`forward`'s ``prefix``), so it is computed once
-        first = 0 if not start_slot else before
-        shared_first = first if column is None else before
-
-        def read(n_writers, readers, slot, token_rows=None):
-            base = corrupted.resid_at(slot, token_rows, d).reshape(1, -1)
-            m = mask[:n_writers, readers]
-            if column is not None and slot == start_slot:  # the one read that differs between copies
-                x = mix(base, m, 0, n_writers, token_rows)  # [R, tokens*d], the same in every copy
-                xs = x[:, None, :].expand(-1, K, -1)
-                pos = (list(range(readers.start, readers.stop)) if isinstance(readers, slice)
-                       else readers.tolist())
-                if reader_k in pos:
-                    xs = xs.clone()
-                    xs[pos.index(reader_k)] = mix(base, values_k[:, :n_writers].t(), 0, n_writers, token_rows)
-                return xs.reshape(x.shape[0], -1)
-            lo = 0
-            if prefix is not None and slot > start_slot and shared_first:
-                key = (slot, tuple(range(readers.start, readers.stop)) if isinstance(readers, slice)
-                       else tuple(readers.tolist()))
-                if key not in prefix:
-                    prefix[key] = mix(base, m[:shared_first], 0, shared_first, token_rows)
-                base, lo = prefix[key], shared_first
-            if column is None:
-                return mix(base, m[lo:], lo, n_writers, token_rows)
-            if not lo:  # the copies' shared part, from the writers before the slot
-                base = mix(base, m[:before], 0, before, token_rows)
-            c = bisect.bisect_left(after, n_writers)  # the live writers from the slot on read here
-            mine = mix(None, m.index_select(0, after_t[:c]), 0, c, token_rows, own, 0, K)  # [R, K*tokens*d]
-            R = mine.shape[0]
-            return (mine.view(R, K, -1) + base.view(-1, 1, mine.shape[1] // K)).view(R, -1)
-
-        dev = self.device
-        if start_slot == 0:
-            push(slice(0, 1), a.embed(ids).to(self.dtype)[None])
-        H, G = g.n_heads, g.kv_heads
-        for l in range(start_slot // 2, self._L):
-            hs, ar = g.head_writers(l), g.attn_readers(l)
-            live_heads = [h for h in range(H) if live_list[hs.start + h]]
-            heads = live_heads
-            if fresh_heads is not None and 2 * l == start_slot:  # the other heads' rows are given
-                fresh = set(int(h) for h in fresh_heads)
-                if column is not None:
-                    fresh.update(self._fed_heads(reader_k))
-                heads = [h for h in heads if h in fresh]
-                if column is not None:  # the given rows, the same in every copy
-                    for h in live_heads:
-                        if h not in fresh:
-                            own[row_of[hs.start + h]].view(K, N).copy_(buf[hs.start + h].expand(K, N))
-            if start_slot <= 2 * l and heads:
-                if len(heads) == H:
-                    x = read(g.writers_before_attn(l), ar, 2 * l).view(-1, K * B, S, d)
-                    out = a.attention(l, x, ctx, per_head=True)
-                    index = hs
-                else:
-                    sub = torch.tensor(heads, device=dev)
-                    groups, _ = a.kv_groups(sub)
-                    readers = torch.cat([ar.start + sub, ar.start + H + groups, ar.start + H + G + groups])
-                    x = read(g.writers_before_attn(l), readers, 2 * l).view(-1, K * B, S, d)
-                    out = a.attention(l, x, ctx, per_head=True, heads=sub)
-                    index = hs.start + sub
-                push(index, out)
-            mw = g.mlp_writer(l)
-            if live_list[mw]:
-                mr = g.mlp_reader(l)
-                x = read(g.writers_before_mlp(l), slice(mr, mr + 1), 2 * l + 1).view(K * B, S, d)
-                push(slice(mw, mw + 1), a.mlp(l, x)[None])
-        lr = g.logits_reader
-        final = read(g.n_writers, slice(lr, lr + 1), 2 * self._L, rows)
-        return a.unembed(final.view(K * B, P, d))
-
     def _uniform_value(self, mask) -> float | None:
         """The one value every edge of the graph has in ``mask``, or None when they differ."""
         with torch.no_grad():
@@ -712,3 +601,232 @@ class MaskedModel(torch.nn.Module):
                 raise UserError(f"node_mask must have shape ({g.n_writers},), got {tuple(node_mask.shape)}")
             mask = mask * node_mask.to(device=self.device, dtype=self.dtype)[:, None]
         return mask
+
+
+# ---- read kernels: how one pass reads the writer stack and writes it ------------------------------------
+class _Kernel:
+    """What every read kernel holds: the pass's batch, mask, restart slot and stack.
+
+    The pass (`MaskedModel._pass`) asks a kernel which heads of a layer to compute (``heads``: None =
+    all), whether an MLP runs (``mlp_live``), for the readers' inputs at a read point (``read``,
+    ``[readers, copies * tokens * d]``) and hands it the outputs of the writers it computed
+    (``push``: D = out - y~ onto the stack).
+    """
+
+    joint = False  # a parallel layer's attention and MLP readers read in one read point
+    recompute = False  # gradient checkpointing: each layer recomputed in the backward pass
+    copies = 1
+
+    def __init__(self, engine, state, mask, start):
+        self.graph, self.adapter = engine.graph, engine.adapter
+        self.B, self.S = state.shape
+        self.d = engine.adapter.d_model
+        self.N = self.B * self.S * self.d
+        self.buf, self.corrupted, self.ytil = state.stack, state.corrupted, state.corrupted.writers
+        self.mask, self.start = mask, start
+        self.ctx = engine.adapter.context(self.S, state.attention_mask, engine.device)
+
+    def base(self, slot, token_rows):
+        """The corrupted residual the readers of ``slot`` start from."""
+        return self.corrupted.resid_at(slot, token_rows, self.d)
+
+
+class _Dense(_Kernel):
+    """Every writer, reads as autograd functions (`_ReadMix`; `_UniformRead` when every edge has one
+    coefficient): the pass with gradients, and without them on adapters that compute no head
+    subsets. ``pending``: the outputs pushed since the last read, which the next read point hands
+    its finished gradient (``latest``)."""
+
+    joint = True
+
+    def __init__(self, engine, state, mask, start):
+        super().__init__(engine, state, mask, start)
+        self.grad = _StackGrad()
+        self.recompute = engine.checkpoint and torch.is_grad_enabled()
+        # one coefficient on every edge (the full model, EAP): reads are one running sum
+        self.c = None if self.recompute or start else engine._uniform_value(mask)
+        self.running = None if self.c is None else torch.zeros(self.N, device=engine.device, dtype=engine.dtype)
+        self.pending = []
+
+    def heads(self, l):
+        return None
+
+    def mlp_live(self, l):
+        return True
+
+    def latest(self):
+        """The writer outputs pushed since the last read (None after a restart: a given prefix)."""
+        out, self.pending = self.pending, []
+        return None if not out else out[0] if len(out) == 1 else torch.cat(out)
+
+    def push(self, index, out):  # index: a slice of writer rows; out [n, B, S, d]
+        flat = out.detach().reshape(out.shape[0], self.N)
+        if self.ytil is None:
+            self.buf[index] = flat
+        else:
+            torch.sub(flat, self.ytil[index], out=self.buf[index])
+        if self.running is not None:
+            self.running.add_(self.buf[index].sum(0))
+        self.pending.append(out)
+
+    def read(self, slot, readers, token_rows=None):
+        m = self.mask[:self.graph.slots[slot].reads, readers]
+        base, latest = self.base(slot, token_rows), self.latest()
+        if self.c is not None:
+            return _UniformRead.apply(m, base, self.buf, token_rows, self.d, self.grad, latest, self.running, self.c)
+        return _ReadMix.apply(m, base, self.buf, token_rows, self.d, self.grad, latest)
+
+
+class _Pruned(_Kernel):
+    """Without autograd, only live writers (`MaskedModel.live_writers`): dead heads and MLPs and
+    their readers are skipped; a read point gathers the rows of the writers with a non-zero
+    coefficient when they are few, and otherwise reads the stack in place. Equal to the dense pass
+    up to float rounding. Stack rows of dead writers are left as they were: every coefficient that
+    reads them is 0 (a kept edge into a live reader makes its writer live), so they must only be
+    finite: a new stack starts at zero, and a given one was filled by an earlier pass.
+
+    ``fresh`` (`MaskedModel.retry`'s ``heads``): the heads of the restart slot's layer to compute.
+    ``shared``: the later reads' parts from the writers before the restart slot (``first`` rows), kept
+    across the retries at one slot (`MaskedModel.retry`'s ``share_reads``).
+    """
+
+    def __init__(self, engine, state, mask, start, heads=None, shared=None):
+        super().__init__(engine, state, mask, start)
+        self.live = engine.live_writers(mask).tolist()
+        self.fresh = None if heads is None else {int(h) for h in heads}
+        self.before = self.graph.slots[start].before  # rows computed before the restart slot
+        self.first = self.before if start else 0  # rows whose part of later reads can be shared
+        self.shared = shared
+
+    def live_heads(self, l):
+        first = self.graph.head_writers(l).start
+        return [h for h in range(self.graph.n_heads) if self.live[first + h]]
+
+    def heads(self, l):
+        heads = self.live_heads(l)
+        if self.fresh is not None and 2 * l == self.start:  # the other heads' rows are given
+            heads = [h for h in heads if h in self.fresh]
+        return None if len(heads) == self.graph.n_heads else heads
+
+    def mlp_live(self, l):
+        return self.live[self.graph.mlp_writer(l)]
+
+    def push(self, index, out):  # index: a slice or a LongTensor of writer rows; out [n, B, S, d]
+        flat = out.reshape(out.shape[0], -1)
+        if isinstance(index, slice):  # contiguous rows: written in place, no temporaries
+            if self.ytil is None:
+                self.buf[index] = flat
+            else:
+                torch.sub(flat, self.ytil[index], out=self.buf[index])
+            return
+        if self.ytil is not None:
+            flat = flat - self.ytil.index_select(0, index)
+        self.buf.index_copy_(0, index, flat)
+
+    def read(self, slot, readers, token_rows=None):
+        m = self.mask[:self.graph.slots[slot].reads, readers]
+        base, lo = self.shared_part(self.base(slot, token_rows).reshape(1, -1), m, slot, readers, token_rows)
+        return self.mix(base, m[lo:], lo, m.shape[0], token_rows)
+
+    def shared_part(self, base, m, slot, readers, token_rows):
+        """(``base`` plus the read's part from the first ``first`` writers when the pass shares it,
+        the first writer row left to read); ``base`` and 0 otherwise."""
+        if self.shared is None or slot <= self.start or not self.first:
+            return base, 0
+        key = (slot, tuple(range(readers.start, readers.stop)) if isinstance(readers, slice)
+               else tuple(readers.tolist()))
+        if key not in self.shared:
+            self.shared[key] = self.mix(base, m[:self.first], 0, self.first, token_rows)
+        return self.shared[key], self.first
+
+    def mix(self, base, m, lo, hi, token_rows, src=None, copies=1):
+        """``base + m.T @ rows lo..hi of src`` (the stack by default), m: [hi - lo, R]; only writers
+        with a non-zero coefficient contribute (all of them live, so finite rows). ``copies``: each
+        row of ``src`` holds that many copies of the tokens (`_Copies`' own rows)."""
+        src = self.buf if src is None else src
+        used = (m != 0).any(1).nonzero().flatten()
+        k = len(used)
+        if token_rows is not None:  # a few token rows of the writers read: a small gather
+            if copies > 1:
+                token_rows = (torch.arange(copies, device=token_rows.device)[:, None] * (self.B * self.S)
+                              + token_rows[None, :]).flatten()
+            rows = src[lo:hi].view(hi - lo, copies * self.B * self.S, self.d)[used[:, None], token_rows[None, :]]
+            src, m = rows.reshape(k, len(token_rows) * self.d), m[used]
+        elif (2 if m.shape[1] >= 4 else 3) * k <= hi - lo:  # few rows read: gather them
+            src, m = src.index_select(0, used + lo), m[used]
+        else:  # every row: the others are read with coefficient 0 (finite: see the class docstring)
+            src = src[lo:hi]
+        if base is None:
+            return m.t() @ src
+        return torch.addmm(base, m.t(), src)
+
+
+class _Copies(_Pruned):
+    """K copies of a pruned retry whose masks differ in one reader's column (`MaskedModel.retry`'s
+    ``column``). Rows of writers before the slot are read from the stack once for all copies; the
+    rows of the live writers from the slot on are written to ``own`` ``[live writers after, K *
+    B*S*d]`` (in writer order; copy k's part of a row at ``k*B*S*d``), so a later read is one
+    product over the copies' rows plus the copies' shared part from the writers before the slot.
+    Dead writers get no row (every coefficient that would read one is 0). The stack is only read."""
+
+    def __init__(self, engine, state, mask, start, heads, shared, column):
+        super().__init__(engine, state, mask, start, heads, shared)
+        self.reader, self.values = column
+        self.copies = K = self.values.shape[0]
+        self.first = self.before
+        if self.fresh is not None:  # each copy recomputes the heads its reader feeds
+            hs = self.graph.head_writers(start // 2).start
+            self.fresh.update(w - hs for w in self.graph.reader_nodes(self.reader))
+        self.after = [w for w in range(self.before, self.graph.n_writers) if self.live[w]]  # the copies' own rows
+        self.row_of = {w: i for i, w in enumerate(self.after)}
+        self.after_t = torch.tensor(self.after, device=engine.device, dtype=torch.long)
+        self.own = self.buf.new_empty(len(self.after), K * self.N)
+        # the copies' attention sees every copy's batch rows
+        am = state.attention_mask
+        self.ctx = engine.adapter.context(self.S, None if am is None else am.repeat(K, 1), engine.device)
+
+    def heads(self, l):
+        heads = super().heads(l)
+        if self.fresh is not None and 2 * l == self.start:  # the given rows, the same in every copy
+            first, K, N = self.graph.head_writers(l).start, self.copies, self.N
+            for h in self.live_heads(l):
+                if h not in self.fresh:
+                    self.own[self.row_of[first + h]].view(K, N).copy_(self.buf[first + h].expand(K, N))
+        return heads
+
+    def push(self, index, out):  # out [n, K*B, S, d]
+        if isinstance(index, slice) and index.stop <= self.before:
+            return super().push(index, out)  # the input row of a retry at slot 0: the stack's
+        n, K, N = out.shape[0], self.copies, self.N  # a copy's rows: D = out - y~ per copy
+        flat = out.reshape(n, -1)
+        if isinstance(index, slice):  # live writers, consecutive in ``own`` too
+            dest = self.own[self.row_of[index.start]:self.row_of[index.start] + n]
+            if self.ytil is None:
+                dest.copy_(flat)
+            else:
+                torch.sub(flat.view(n, K, N), self.ytil[index][:, None, :], out=dest.view(n, K, N))
+            return
+        if self.ytil is not None:
+            flat = (flat.view(n, K, N) - self.ytil.index_select(0, index)[:, None, :]).view(n, K * N)
+        at = torch.tensor([self.row_of[w] for w in index.tolist()], device=self.own.device)
+        self.own.index_copy_(0, at, flat)
+
+    def read(self, slot, readers, token_rows=None):
+        n, K = self.graph.slots[slot].reads, self.copies
+        base = self.base(slot, token_rows).reshape(1, -1)
+        m = self.mask[:n, readers]
+        if slot == self.start:  # the one read that differs between copies
+            x = self.mix(base, m, 0, n, token_rows)  # [R, tokens*d], the same in every copy
+            xs = x[:, None, :].expand(-1, K, -1)
+            pos = (list(range(readers.start, readers.stop)) if isinstance(readers, slice) else readers.tolist())
+            if self.reader in pos:
+                xs = xs.clone()
+                xs[pos.index(self.reader)] = self.mix(base, self.values[:, :n].t(), 0, n, token_rows)
+            return xs.reshape(x.shape[0], -1)
+        base, lo = self.shared_part(base, m, slot, readers, token_rows)
+        if not lo:  # the copies' shared part, from the writers before the slot
+            base = self.mix(base, m[:self.before], 0, self.before, token_rows)
+        c = bisect.bisect_left(self.after, n)  # the live writers from the slot on read here
+        mine = self.mix(None, m.index_select(0, self.after_t[:c]), 0, c, token_rows, self.own, K)
+        R = mine.shape[0]
+        return (mine.view(R, K, -1) + base.view(-1, 1, mine.shape[1] // K)).view(R, -1)

@@ -13,6 +13,11 @@ to it: the MLP of layer ``l`` reads exactly the writers its layer's attention re
 heads. Such a graph has ``layers x heads`` edges fewer than the sequential one of its shape (EAP-IG's
 ``parallel_attn_mlp``). The writer and reader orders and names are the same in both.
 
+Read slots: a pass reads the residual stream at ``2L + 1`` points, in this order: slot ``2l`` for
+layer ``l``'s attention readers, ``2l + 1`` for its MLP reader, ``2L`` for the logits (`ReadSlot`,
+``Graph.slots``, ``Graph.read_slot``). The corrupted cache keeps one residual per slot; a pass
+restarted at a slot (ACDC) takes the writers computed before it as given.
+
 Everything is index arithmetic over contiguous blocks, so the engine reads slices, not dicts.
 """
 from __future__ import annotations
@@ -21,6 +26,32 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+
+@dataclass(frozen=True)
+class ReadSlot:
+    """One read point of the forward pass: where ``readers`` read the residual stream.
+
+    ``kind``: "attn" (layer ``layer``'s attention readers), "mlp" (its MLP reader) or "logits"
+    (``layer`` = the number of layers). ``reads``: how many writers (a prefix of the writer order)
+    the readers read. ``before``: how many writers a pass computes before it reaches the slot, the
+    rows a pass restarted here takes as given; before an MLP slot the layer's heads are computed,
+    also in a parallel block, where the MLP does not read them (``reads`` < ``before``).
+    ``writers``: the writers computed from this slot's reads (the layer's heads, its MLP, none).
+    """
+
+    index: int
+    kind: str
+    layer: int
+    readers: slice
+    reads: int
+    before: int
+    writers: slice
+
+    @property
+    def name(self) -> str:
+        """``a{l}`` (attention), ``m{l}`` (MLP) or ``logits``."""
+        return "logits" if self.kind == "logits" else f"{self.kind[0]}{self.layer}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +147,63 @@ class Graph:
     @property
     def logits_reader(self) -> int:
         return self.n_readers - 1
+
+    # ---- read slots ----------------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return 2 * self.n_layers + 1
+
+    @property
+    def logits_slot(self) -> int:
+        return 2 * self.n_layers
+
+    @cached_property
+    def slots(self) -> tuple[ReadSlot, ...]:
+        """Every read slot, in forward order (``slots[s].index == s``)."""
+        out = []
+        for l in range(self.n_layers):
+            hs, ar = self.head_writers(l), self.attn_readers(l)
+            out.append(ReadSlot(2 * l, "attn", l, ar, self.writers_before_attn(l), hs.start, hs))
+            if self.has_mlp:
+                mw, mr = self.mlp_writer(l), self.mlp_reader(l)
+                out.append(ReadSlot(2 * l + 1, "mlp", l, slice(mr, mr + 1), self.writers_before_mlp(l), hs.stop,
+                                    slice(mw, mw + 1)))
+        lr = self.logits_reader
+        out.append(ReadSlot(2 * self.n_layers, "logits", self.n_layers, slice(lr, lr + 1), self.n_writers,
+                            self.n_writers, slice(self.n_writers, self.n_writers)))
+        return tuple(out)
+
+    def read_slot(self, reader: int) -> int:
+        """The read slot of ``reader``."""
+        if not 0 <= reader < self.n_readers:
+            raise ValueError(f"reader must lie in [0, {self.n_readers}), got {reader}")
+        if reader == self.logits_reader:
+            return self.logits_slot
+        layer, offset = divmod(reader, self.readers_per_layer)
+        return 2 * layer + int(offset >= self.attn_readers_per_layer)
+
+    def reader_nodes(self, reader: int) -> list[int]:
+        """The writers ``reader`` feeds (its node): a query reader's head, every head of a key/value
+        reader's group, an MLP reader's MLP; none for the logits."""
+        if reader == self.logits_reader:
+            return []
+        layer, offset = divmod(reader, self.readers_per_layer)
+        heads = self.head_writers(layer).start
+        if offset < self.n_heads:
+            return [heads + offset]
+        if offset < self.attn_readers_per_layer:
+            per = self.n_heads // self.kv_heads
+            group = (offset - self.n_heads) % self.kv_heads
+            return list(range(heads + group * per, heads + (group + 1) * per))
+        return [self.mlp_writer(layer)]
+
+    def reader_order(self) -> list[tuple[int, int]]:
+        """(reader, read slot) pairs in reverse topological order: the logits, then each layer from
+        the last to the first, its MLP reader before its attention readers (last reader first)."""
+        out = []
+        for slot in reversed(self.slots):
+            out += [(r, slot.index) for r in reversed(range(slot.readers.start, slot.readers.stop))]
+        return out
 
     # ---- names ---------------------------------------------------------------------------------
     @cached_property

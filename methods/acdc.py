@@ -9,13 +9,15 @@ loss (KL to the full model at the scored positions, averaged over the training s
 the edge stays removed when the loss rises by less than tau.
 
 A trial changes only one reader's inputs, so the forward pass restarts at that reader's read slot
-from the writer stack of the full model (every reader before it is still intact: readers are
-visited from the last to the first), which is kept per batch; see `MaskedModel.forward`'s
-``start_slot``/``stack``. At an attention slot only the heads whose inputs changed are recomputed,
-and later reads reuse their part from writers before the slot (`Trials`).
+(`Graph.read_slot`) from the writer stack of the full model (every reader before it is still
+intact: readers are visited from the last to the first, `Graph.reader_order`), which is kept per
+batch: `BatchPlan` prepares each batch with `MaskedModel.begin`, and a trial is a
+`MaskedModel.retry` at the slot. At an attention slot only the heads whose inputs changed are
+recomputed (``heads``), and later reads reuse their part from writers before the slot
+(``share_reads``; `Trials`).
 
 Batched trials (``trial_batch`` > 1, `run_acdc`): one pass tries a reader's next K candidate edges
-as K copies (`MaskedModel.forward`'s ``column``), copy k with the first k + 1 of them removed, as if
+as K copies (`MaskedModel.retry`'s ``column``), copy k with the first k + 1 of them removed, as if
 every earlier one were accepted; the copies are decided in order exactly as one-by-one trials
 would be, up to and including the first rejection, and the next pass starts after it. The circuit
 and the recorded increases are the sequential search's. K adapts to runs of rejections (`_Width`)
@@ -162,18 +164,15 @@ def ranking(increase: torch.Tensor) -> torch.Tensor:
     return out.view_as(increase)
 
 
-def _mean_loss(engine, task, plan, mask, slot, meter, fresh_heads=None, prefixes=None, focus=None) -> float:
-    """The mean loss of ``mask`` over the plan's batches, the pass restarted at ``slot``. ``focus``:
-    a context manager factory that sets a mixed-precision engine's focus around each pass (never
-    around the batch's preparation, which is exact)."""
+def _mean_loss(engine, task, plan, mask, slot, meter, heads=None, share_reads=False, focus=None) -> float:
+    """The mean loss of ``mask`` over the plan's batches, each pass a `MaskedModel.retry` at
+    ``slot``. ``focus``: a context manager factory that sets a mixed-precision engine's focus
+    around each pass (never around the batch's preparation, which is exact)."""
     total = 0.0
-    for i, prepared in enumerate(plan.epoch()):
+    for prepared in plan.epoch():
         b = prepared.batch
         with (focus() if focus is not None else contextlib.nullcontext()):
-            logits = engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask, positions=b.positions,
-                            ablation=plan.ablation, corrupted=prepared.corrupted, start_slot=slot,
-                            stack=prepared.stack, fresh_heads=fresh_heads,
-                            prefix=None if prefixes is None else prefixes.setdefault(i, {}))
+            logits = engine.retry(prepared.state, mask, slot=slot, heads=heads, share_reads=share_reads)
         total += float(task.loss(logits, prepared.reference, b).double().sum())
         meter.forward()
     return total / plan.n_examples
@@ -189,8 +188,8 @@ class Trials:
       makes them are recomputed: the heads the trial reader feeds, and the heads a rejected trial
       just before it (at the same slot) left with that trial's rows. The other heads of the layer
       keep their rows: their readers' edges did not change since their rows were last written;
-    - every later read's part from the writers before the slot (`MaskedModel.forward`'s
-      ``prefix``): the edges of later readers do not change while the search is at this slot. The
+    - every later read's part from the writers before the slot (`MaskedModel.retry`'s
+      ``share_reads``): the edges of later readers do not change while the search is at this slot. The
       first trial at a slot computes it (a full read), the others read only the rows from the slot
       on. Kept when it fits in the plan's cache budget next to the stacks (a reader row per batch
       per later reader).
@@ -206,17 +205,16 @@ class Trials:
         g = engine.graph
         self.subsets = head_subsets and plan.keep_corrupted and getattr(engine.adapter, "head_subsets", False)
         budget = plan.cache_mib - plan.reference_mib() - plan.estimate_mib()
-        self.share_prefix = self.subsets and plan.rows_mib(g.n_readers) <= budget
+        self.share_reads = self.subsets and plan.rows_mib(g.n_readers) <= budget
         self.mixed = engine.adapter if isinstance(engine.adapter, MixedPrecisionAdapter) else None
-        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
+        self._slot, self._stale, self._trial = None, set(), set()
 
     def _enter(self, slot):
         if slot != self._slot:  # a new slot: rows of its layer were last written by a pass over every head
             self._slot, self._stale = slot, set()
-            self._prefixes = {} if self.share_prefix else None
 
     def _attention_slot(self, slot) -> bool:
-        return slot % 2 == 0 and slot < 2 * self.engine.graph.n_layers
+        return self.engine.graph.slots[slot].kind == "attn"
 
     def _focus(self, slot, fresh):
         """The mixed-precision focus of a pass restarted at ``slot`` that recomputes the heads
@@ -225,24 +223,25 @@ class Trials:
         if self.mixed is None:
             return None
         g = self.engine.graph
-        if slot == 2 * g.n_layers:
+        at = g.slots[slot]
+        if at.kind == "logits":
             return lambda: self.mixed.focused(logits=True)
-        if slot % 2:
-            return lambda: self.mixed.focused(slot // 2, mlp=True)
+        if at.kind == "mlp":
+            return lambda: self.mixed.focused(at.layer, mlp=True)
         heads = range(g.n_heads) if fresh is None else fresh
-        return lambda: self.mixed.focused(slot // 2, heads=heads)
+        return lambda: self.mixed.focused(at.layer, heads=heads)
 
     def _fresh(self, reader, slot):
         if not (self.subsets and self._attention_slot(slot)):
             return None
-        first = self.engine.graph.head_writers(slot // 2).start
-        self._trial = {w - first for w in _reader_nodes(self.engine.graph, reader)}
+        first = self.engine.graph.slots[slot].writers.start
+        self._trial = {w - first for w in self.engine.graph.reader_nodes(reader)}
         return sorted(self._trial | self._stale)
 
     def full(self, mask) -> float:
         """The loss of ``mask`` from a pass over every slot (it rewrites every live row); exact
         (no mixed-precision focus)."""
-        self._slot, self._stale, self._trial, self._prefixes = None, set(), set(), None
+        self._slot, self._stale, self._trial = None, set(), set()
         return _mean_loss(self.engine, self.task, self.plan, mask, 0, self.meter)
 
     def baseline(self, mask, slot) -> float:
@@ -254,14 +253,14 @@ class Trials:
         self._enter(slot)
         fresh = sorted(self._stale) if self.subsets and self._attention_slot(slot) else None
         self._stale = set()
-        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes,
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self.share_reads,
                           self._focus(slot, fresh))
 
     def loss(self, mask, reader, slot) -> float:
         """The loss of ``mask``, which differs from the current circuit in ``reader``'s edges only."""
         self._enter(slot)
         fresh = self._fresh(reader, slot)
-        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self._prefixes,
+        return _mean_loss(self.engine, self.task, self.plan, mask, slot, self.meter, fresh, self.share_reads,
                           self._focus(slot, fresh))
 
     def settle(self, accepted: bool):
@@ -269,7 +268,7 @@ class Trials:
         self._stale = set() if accepted else self._trial
 
     def losses(self, mask, reader, slot, values) -> list[float]:
-        """The losses of K trials in one batched pass (`MaskedModel.forward`'s ``column``): trial
+        """The losses of K trials in one batched pass (`MaskedModel.retry`'s ``column``): trial
         k's mask is ``mask`` with ``reader``'s column replaced by ``values[k]``. The pass leaves the
         writer stacks as they were; call `settle_copies` after it."""
         self._enter(slot)
@@ -277,14 +276,11 @@ class Trials:
         focus = self._focus(slot, fresh)
         K = values.shape[0]
         totals = [0.0] * K
-        for i, prepared in enumerate(self.plan.epoch()):
+        for prepared in self.plan.epoch():
             b = prepared.batch
             with (focus() if focus is not None else contextlib.nullcontext()):
-                logits = self.engine(b.clean, attention_mask=b.attention_mask, edge_mask=mask,
-                                     positions=b.positions, ablation=self.plan.ablation,
-                                     corrupted=prepared.corrupted, start_slot=slot, stack=prepared.stack,
-                                     fresh_heads=fresh, column=(reader, values),
-                                     prefix=None if self._prefixes is None else self._prefixes.setdefault(i, {}))
+                logits = self.engine.retry(prepared.state, mask, slot=slot, heads=fresh, column=(reader, values),
+                                           share_reads=self.share_reads)
             B = len(b)
             for k in range(K):  # summed as `_mean_loss` sums a single trial's
                 totals[k] += float(self.task.loss(logits[k * B:(k + 1) * B], prepared.reference, b).double().sum())
@@ -350,33 +346,6 @@ class _Width:
             self.now = max(1, self.now // 2)
 
 
-def _reader_order(g):
-    """(reader, read slot) pairs in reverse topological order."""
-    out = [(g.logits_reader, 2 * g.n_layers)]
-    for l in reversed(range(g.n_layers)):
-        if g.has_mlp:
-            out.append((g.mlp_reader(l), 2 * l + 1))
-        rs = g.attn_readers(l)
-        out += [(r, 2 * l) for r in reversed(range(rs.start, rs.stop))]
-    return out
-
-
-def _reader_nodes(g, reader) -> list[int]:
-    """The writers a reader feeds (its node; a key/value group feeds every head of the group)."""
-    if reader == g.logits_reader:
-        return []
-    layer = reader // g.readers_per_layer
-    offset = reader - layer * g.readers_per_layer
-    heads = g.head_writers(layer).start
-    if offset < g.n_heads:
-        return [heads + offset]
-    if offset < g.attn_readers_per_layer:
-        group = (offset - g.n_heads) % g.kv_heads
-        per = g.n_heads // g.kv_heads
-        return [heads + group * per + i for i in range(per)]
-    return [g.mlp_writer(layer)]
-
-
 @torch.no_grad()
 def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_subsets=True, trial_batch=1,
              adapt=True, stats=None):
@@ -415,8 +384,8 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     measured_at = None  # the slot whose precision layout ``current`` was measured in (mixed precision)
     trials = 0
     bar = progress_bar(g.n_edges, desc, progress)
-    for reader, slot in _reader_order(g):
-        nodes = _reader_nodes(g, reader)
+    for reader, slot in g.reader_order():
+        nodes = g.reader_nodes(reader)
         connected = not nodes or any(bool(((mask[w] > 0) & reader_on).any()) for w in nodes)
         if not connected:
             mask[:, reader] = 0.0

@@ -152,7 +152,7 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
     these read slots (default: every one). On a mixed-precision engine (`circuitbench.precision`)
     the trials run in PAHQ's precision layout (`Trials` sets the focus)."""
     from circuitbench.batches import BatchPlan
-    from .acdc import Trials, _reader_order
+    from .acdc import Trials
 
     from circuitbench.method import CostMeter
 
@@ -165,7 +165,7 @@ def _acdc_trial_ratios(mm, task, examples, plain_forward, repeats, progress, dev
     first, steady, weights = {}, {}, {}
     with torch.no_grad():
         trials.full(full)  # fills the full model's writer stack
-        for reader, slot in _reader_order(g):
+        for reader, slot in g.reader_order():
             weights[slot] = weights.get(slot, 0) + int(visible[reader])
             if slot in steady or (slots is not None and slot not in slots):
                 continue

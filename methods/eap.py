@@ -120,15 +120,6 @@ class Interpolation:
     cut: bool
 
 
-def read_slot_writers(graph) -> list[int]:
-    """How many writers (a prefix of the writer order) each read slot reads: slot 2l = layer l's
-    attention readers, 2l + 1 = its MLP reader, 2L = the logits (the `CorruptedCache` numbering)."""
-    counts = []
-    for l in range(graph.n_layers):
-        counts += [graph.writers_before_attn(l), graph.writers_before_mlp(l)]
-    return counts + [graph.n_writers]
-
-
 def node_rows(graph) -> list[slice]:
     """The writer rows of each node EAP-IG-activations interpolates, in forward order: the input,
     then per layer its attention (every head together) and its MLP."""
@@ -146,7 +137,7 @@ def interpolated_scores(engine, task, train, batch_size: int, runs: list[Interpo
     g = engine.graph
     plan = BatchPlan(engine, task, train, batch_size, meter, cache_mib=0.0, seed=seed, reference=False)
     valid = valid_float(g, engine.device, engine.dtype)
-    counts = read_slot_writers(g)
+    counts = [slot.reads for slot in g.slots]  # writers each read slot reads (a prefix)
     total = torch.zeros(g.n_writers, g.n_readers, device=engine.device, dtype=torch.float64)
     bar = progress_bar(len(plan) * len(runs), desc, progress)
     with meter.phase("attribute"):
@@ -187,8 +178,9 @@ def _interpolated_grad(engine, task, b, cache, ytil, rtil, delta, valid, counts,
             diff = delta.clone()
             pre = valid.clone()
             pre[rows] *= alpha
-            engine(b.clean, attention_mask=b.attention_mask, edge_mask=pre, positions=b.positions,
-                   corrupted=cache, start_slot=after, stack=diff)  # fills rows from the slot on with D(run)
+            state = engine.begin(b.clean, attention_mask=b.attention_mask, positions=b.positions, corrupted=cache,
+                                 stack=diff)  # rows before the slot: the clean run's, as the run's
+            engine.retry(state, pre, slot=after)  # fills rows from the slot on with D(run)
             meter.forward()
             diff.sub_(delta)
         # the run's reader input at slot s: rtil[s] + sum_{w < s} m_w D_w(run), m = alpha on the node;

@@ -7,7 +7,7 @@ import torch
 
 from circuitbench import MaskedModel, load_model
 from circuitbench.method import circuits_at
-from methods.acdc import ACDC, _reader_nodes, _reader_order, ranking
+from methods.acdc import ACDC, ranking
 from methods_support import PLANTED_EDGES, SyntheticTask, make_examples, planted_gpt2
 
 
@@ -85,12 +85,12 @@ def test_uncached_batches_give_the_same_circuit(tiny):
 def test_reader_order_and_nodes_cover_the_graph(tiny):
     model, _ = tiny
     g = model.graph
-    order = _reader_order(g)
+    order = g.reader_order()
     assert sorted(r for r, _ in order) == list(range(g.n_readers))
     assert order[0][0] == g.logits_reader and order[1][0] == g.mlp_reader(g.n_layers - 1)
     heads = set()
     for r, slot in order:
-        nodes = _reader_nodes(g, r)
+        nodes = g.reader_nodes(r)
         heads.update(nodes)
         for w in nodes:  # a reader's node is written after the reader is read
             assert not g.valid[w, r]
@@ -109,16 +109,15 @@ def test_restarted_pass_equals_full_pass(tiny, ablation):
     corrupted = torch.randint(0, 1000, (B, S), generator=gen)
     pos = torch.full((B,), S - 1)
     cache = eng.corrupted_cache(corrupted, ablation=ablation)
-    stack = torch.empty(g.n_writers, B * S * model.adapter.d_model)
     mask = (torch.rand(g.n_writers, g.n_readers, generator=gen) > 0.3).float()
     for slot in range(2 * g.n_layers + 1):
         first = (g.logits_reader if slot == 2 * g.n_layers
                  else g.attn_readers(slot // 2).start if slot % 2 == 0 else g.mlp_reader(slot // 2))
         m = torch.ones_like(mask)
         m[:, first:] = mask[:, first:]
-        eng(clean, positions=pos, corrupted=cache, stack=stack)  # the full model's stack
+        state = eng.begin(clean, positions=pos, corrupted=cache)  # the full model's stack
         want = eng(clean, edge_mask=m, positions=pos, corrupted=cache)
-        got = eng(clean, edge_mask=m, positions=pos, corrupted=cache, start_slot=slot, stack=stack)
+        got = eng.retry(state, m, slot=slot)
         # the full model's pass sums its reads in another order (uniform masks): equal up to rounding
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -130,15 +129,14 @@ def test_restarted_pass_gradients_match(tiny):
     B, S = 2, 5
     clean = torch.randint(0, 1000, (B, S), generator=gen)
     cache = eng.corrupted_cache(torch.randint(0, 1000, (B, S), generator=gen))
-    stack = torch.empty(g.n_writers, B * S * model.adapter.d_model)
-    with torch.no_grad():  # as ACDC fills it (with autograd, the full model's reads sum in another order)
-        eng(clean, corrupted=cache, stack=stack)
+    state = eng.begin(clean, corrupted=cache)  # as ACDC fills it (without autograd)
     first = g.attn_readers(1).start
     late = torch.full((g.n_writers, g.n_readers - first), 0.7, requires_grad=True)
     grads = []
-    for kwargs in ({}, {"start_slot": 2, "stack": stack}):
+    for restart in (False, True):
         m = torch.cat([torch.ones(g.n_writers, first), late], 1)
-        eng(clean, edge_mask=m, corrupted=cache, **kwargs).sum().backward()
+        logits = eng.retry(state, m, slot=2) if restart else eng(clean, edge_mask=m, corrupted=cache)
+        logits.sum().backward()
         grads.append(late.grad.clone())
         late.grad = None
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
@@ -155,9 +153,9 @@ def test_bad_taus_are_user_errors(tiny):
 
 
 def test_restart_with_fresh_heads_equals_full_pass(tiny):
-    """A restart at an attention slot that recomputes only the heads whose readers changed (the
+    """A retry at an attention slot that recomputes only the heads whose readers changed (the
     other heads' rows come from the stack), and shares later reads' parts from the writers before
-    the slot across the passes at that slot (``prefix``), gives the logits of a full masked pass."""
+    the slot across the passes at that slot (``share_reads``), gives the logits of a full masked pass."""
     model, eng = tiny
     g = model.graph
     gen = torch.Generator().manual_seed(2)
@@ -173,22 +171,19 @@ def test_restart_with_fresh_heads_equals_full_pass(tiny):
             m[:, ar.start:] = (torch.rand(g.n_writers, g.n_readers - ar.start, generator=gen) > 0.3).float()
             m[:, g.logits_reader] = 1.0  # every head of the layer stays live
             m[:, [ar.start + H - 1, ar.start + H + G - 1]] = 1.0  # the trials below change something
-            stack = torch.zeros(g.n_writers, B * S * model.adapter.d_model)
-            eng(clean, positions=pos, corrupted=cache, stack=stack)  # the full model's rows
-            eng(clean, edge_mask=m, positions=pos, corrupted=cache, stack=stack)  # the current circuit's
-            prefix = {}
+            state = eng.begin(clean, positions=pos, corrupted=cache)  # the full model's rows
+            eng.retry(state, m)  # the current circuit's
             for reader in (ar.start + H - 1, ar.start + H + G - 1):  # a query reader, a key reader
                 trial = m.clone()
                 trial[: g.writers_before_attn(l), reader] = 0.0
-                heads = [w - g.head_writers(l).start for w in _reader_nodes(g, reader)]
+                heads = [w - g.head_writers(l).start for w in g.reader_nodes(reader)]
                 want = eng(clean, edge_mask=trial, positions=pos, corrupted=cache)
-                got = eng(clean, edge_mask=trial, positions=pos, corrupted=cache, start_slot=2 * l,
-                          stack=stack, fresh_heads=heads, prefix=prefix)
+                got = eng.retry(state, trial, slot=2 * l, heads=heads, share_reads=True)
                 assert torch.allclose(got, want, atol=1e-5), (l, reader)
                 assert not torch.allclose(got, eng(clean, edge_mask=m, positions=pos, corrupted=cache), atol=1e-6)
-                eng(clean, edge_mask=m, positions=pos, corrupted=cache, start_slot=2 * l, stack=stack,
-                    fresh_heads=heads, prefix=prefix)  # the trial is rejected: its heads get the circuit's rows back
-            assert l == 0 or prefix  # later reads stored their part from writers before the slot
+                eng.retry(state, m, slot=2 * l, heads=heads,
+                          share_reads=True)  # the trial is rejected: its heads get the circuit's rows back
+            assert l == 0 or state.shared  # later reads stored their part from writers before the slot
 
 
 def test_fresh_heads_only_in_restarts_without_autograd(tiny):
@@ -196,11 +191,11 @@ def test_fresh_heads_only_in_restarts_without_autograd(tiny):
     g = model.graph
     clean = torch.randint(0, 1000, (2, 4))
     cache = eng.corrupted_cache(torch.randint(0, 1000, (2, 4)))
-    stack = torch.zeros(g.n_writers, 2 * 4 * model.adapter.d_model)
-    with pytest.raises(ValueError, match="fresh_heads"):
-        eng(clean, corrupted=cache, start_slot=1, stack=stack, fresh_heads=[0])
-    with pytest.raises(ValueError, match="fresh_heads"):
-        eng(clean, corrupted=cache, start_slot=2, stack=stack, fresh_heads=[0])  # autograd on
+    state = eng.begin(clean, corrupted=cache)
+    with pytest.raises(ValueError, match="heads"):
+        eng.retry(state, slot=1, heads=[0])
+    with pytest.raises(ValueError, match="heads"):
+        eng.retry(state, slot=2, heads=[0])  # autograd on
 
 
 def test_search_with_head_subsets_equals_search_without(tiny):

@@ -1,4 +1,4 @@
-"""Batched ACDC trials: the engine's K-copy restart (``column=``) equals K single passes, and a
+"""Batched ACDC trials: the engine's K-copy retry (``column=``) equals K single passes, and a
 search that tries K candidate edges of a reader per pass finds the sequential search's circuit with
 the same loss increases."""
 import pytest
@@ -34,20 +34,18 @@ def _batch(model, seed, B=3, S=7):
 @pytest.mark.parametrize("ablation", ["interchange", "zero"])
 def test_column_pass_equals_separate_passes(tiny, ablation):
     """For every reader: K copies whose masks differ in that reader's column give the logits of K
-    separate passes, restarted or not, with or without the shared later reads (``prefix``) and,
-    at attention slots, with only the changed heads recomputed (``fresh_heads``); the stack is
+    separate passes, restarted or not, with or without the shared later reads (``share_reads``) and,
+    at attention slots, with only the changed heads recomputed (``heads``); the stack is
     left as it was."""
     model, eng = tiny
     g = model.graph
     clean, corrupted, attention, pos = _batch(model, 0)
     cache = eng.corrupted_cache(corrupted, attention, ablation=ablation)
-    B, S = clean.shape
-    stack = torch.zeros(g.n_writers, B * S * model.adapter.d_model)
     gen = torch.Generator().manual_seed(1)
     K = 4
     with torch.no_grad():
         for reader in range(g.n_readers):
-            slot = eng.read_slot(reader)
+            slot = g.read_slot(reader)
             mask = torch.ones(g.n_writers, g.n_readers)  # readers before this one: the full model
             mask[:, reader + 1:] = (torch.rand(g.n_writers, g.n_readers - reader - 1, generator=gen) > 0.3).float()
             mask[:, g.logits_reader] = 1.0
@@ -58,45 +56,40 @@ def test_column_pass_equals_separate_passes(tiny, ablation):
                 m[:, reader] = values[k]
                 want.append(eng(clean, attention_mask=attention, edge_mask=m, positions=pos, corrupted=cache))
             want = torch.cat(want)
-            # the current circuit's rows (readers before this one are the full model's)
-            eng(clean, attention_mask=attention, edge_mask=mask, positions=pos, corrupted=cache, stack=stack)
-            kept = stack.clone()
             attention_slot = slot % 2 == 0 and slot < 2 * g.n_layers
             for fresh in ([None, []] if attention_slot else [None]):
-                prefix = {}
-                for _ in range(2):  # the second pass reads the later reads' shared parts from prefix
-                    got = eng(clean, attention_mask=attention, edge_mask=mask, positions=pos, corrupted=cache,
-                              start_slot=slot, stack=stack, fresh_heads=fresh, prefix=prefix,
-                              column=(reader, values))
+                # the current circuit's rows (readers before this one are the full model's)
+                state = eng.begin(clean, attention_mask=attention, edge_mask=mask, positions=pos, corrupted=cache)
+                kept = state.stack.clone()
+                for _ in range(2):  # the second pass reads the later reads' shared parts from the state
+                    got = eng.retry(state, mask, slot=slot, heads=fresh, column=(reader, values), share_reads=True)
                     assert got.shape == want.shape
                     assert torch.allclose(got, want, atol=1e-5), (reader, fresh, (got - want).abs().max())
-                    assert torch.equal(stack, kept)
-                assert slot == 2 * g.n_layers or prefix  # later reads stored their shared part
+                    assert torch.equal(state.stack, kept)
+                assert slot == 2 * g.n_layers or state.shared  # later reads stored their shared part
 
 
 def test_column_pass_shares_prefix_with_single_passes(tiny):
-    """Single trials and K-copy passes at one slot share one ``prefix`` dict (ACDC mixes them)."""
+    """Single trials and K-copy passes at one slot share the state's later reads (ACDC mixes them)."""
     model, eng = tiny
     g = model.graph
     clean, corrupted, attention, pos = _batch(model, 2)
     cache = eng.corrupted_cache(corrupted, attention)
-    B, S = clean.shape
-    stack = torch.zeros(g.n_writers, B * S * model.adapter.d_model)
+    B = clean.shape[0]
     with torch.no_grad():
-        eng(clean, attention_mask=attention, positions=pos, corrupted=cache, stack=stack)
+        state = eng.begin(clean, attention_mask=attention, positions=pos, corrupted=cache)
         reader = g.mlp_reader(0)
         mask = torch.ones(g.n_writers, g.n_readers)
-        prefix = {}
         single = mask.clone()
         single[0, reader] = 0.0
-        eng(clean, attention_mask=attention, edge_mask=single, positions=pos, corrupted=cache, start_slot=1,
-            stack=stack, prefix=prefix)  # fills prefix (and rewrites the stack's rows from slot 1)
-        assert prefix
+        eng.retry(state, single, slot=1, share_reads=True)  # fills the shared reads (and rewrites the stack from slot 1)
+        shared = dict(state.shared)
+        assert shared
         values = torch.ones(3, g.n_writers)
         values[1:, 0] = 0.0
         values[2:, 1] = 0.0
-        got = eng(clean, attention_mask=attention, edge_mask=mask, positions=pos, corrupted=cache, start_slot=1,
-                  stack=stack, prefix=prefix, column=(reader, values))
+        got = eng.retry(state, mask, slot=1, column=(reader, values), share_reads=True)
+        assert all(state.shared[key] is part for key, part in shared.items())  # read, not made again
         for k in range(3):
             m = mask.clone()
             m[:, reader] = values[k]
@@ -109,20 +102,18 @@ def test_column_pass_rules(tiny):
     g = model.graph
     clean, corrupted, _, _ = _batch(model, 3)
     cache = eng.corrupted_cache(corrupted)
-    stack = torch.zeros(g.n_writers, clean.numel() * model.adapter.d_model)
+    state = eng.begin(clean, corrupted=cache)
     reader = g.mlp_reader(0)
     values = torch.ones(2, g.n_writers)
     with pytest.raises(ValueError, match="without autograd"):  # autograd on
-        eng(clean, corrupted=cache, start_slot=1, stack=stack, column=(reader, values))
+        eng.retry(state, slot=1, column=(reader, values))
     with torch.no_grad():
-        with pytest.raises(ValueError, match="stack"):
-            eng(clean, corrupted=cache, start_slot=1, column=(reader, values))
         with pytest.raises(ValueError, match="slot"):
-            eng(clean, corrupted=cache, start_slot=2, stack=stack, column=(reader, values))
+            eng.retry(state, slot=2, column=(reader, values))
         with pytest.raises(ValueError, match="values"):
-            eng(clean, corrupted=cache, start_slot=1, stack=stack, column=(reader, values[:, :3]))
-        assert eng.read_slot(g.logits_reader) == 2 * g.n_layers
-        assert [eng.read_slot(r) for r in range(g.attn_readers(1).start, g.mlp_reader(1) + 1)] == \
+            eng.retry(state, slot=1, column=(reader, values[:, :3]))
+        assert g.read_slot(g.logits_reader) == 2 * g.n_layers
+        assert [g.read_slot(r) for r in range(g.attn_readers(1).start, g.mlp_reader(1) + 1)] == \
             [2] * g.attn_readers_per_layer + [3]
 
 

@@ -470,17 +470,98 @@ def test_pruned_restart_equals_full_pass(model):
     clean, corrupted = _batch(6)
     mm, g = MaskedModel(model), model.graph
     cache = mm.corrupted_cache(corrupted)
-    B, S = clean.shape
-    stack = torch.empty(g.n_writers, B * S * model.adapter.d_model)
     with torch.no_grad():
-        mm(clean, corrupted=cache, stack=stack)
+        state = mm.begin(clean, corrupted=cache)
         mask = torch.ones(g.n_writers, g.n_readers)
         last = g.n_layers - 1
         mask[:, g.attn_readers(last)] = _sparse_mask(g, 0.2, 7)[:, g.attn_readers(last)]
         mask[:, g.mlp_reader(last):] = _sparse_mask(g, 0.2, 8)[:, g.mlp_reader(last):]
-        got = mm(clean, corrupted=cache, edge_mask=mask, start_slot=2 * last, stack=stack)
+        got = mm.retry(state, mask, slot=2 * last)
     want = mm(clean, corrupted=cache, edge_mask=mask)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_begin_and_retry_equal_fresh_passes(model):
+    """The incremental API: `begin` fills a batch's writer stack with the full model; each `retry`
+    after one more edge removed, at that edge's read slot (readers visited last to first, as ACDC
+    does), gives the logits of a fresh forward pass with that mask, without autograd and with (then
+    with the forward's mask gradient too)."""
+    clean, corrupted = _batch(8)
+    mm, g = MaskedModel(model), model.graph
+    pos = torch.tensor([6, 4, 5])
+    cache = mm.corrupted_cache(corrupted)
+    state = mm.begin(clean, corrupted=cache, positions=pos)
+    assert state.shape == tuple(clean.shape) and state.corrupted is cache
+    gen = torch.Generator().manual_seed(9)
+    mask = g.full_mask()
+    with torch.no_grad():
+        assert (mm.retry(state, mask) - mm(clean, corrupted=cache, positions=pos)).abs().max().item() <= 1e-4
+    for reader, slot in g.reader_order()[::5]:
+        writer = int(torch.randint(0, int(g.valid[:, reader].sum()), (1,), generator=gen))
+        mask[writer, reader] = 0
+        with torch.no_grad():
+            got = mm.retry(state, mask, slot=slot)
+            want = mm(clean, corrupted=cache, edge_mask=mask, positions=pos)
+        assert (got - want).abs().max().item() <= 1e-4, (reader, slot)
+    # with autograd, from the same kind of stack: the logits and the mask gradient of `forward`
+    assert mm.live_writers(mask).all()  # (a pruned stack's rows of dead writers are zeros, not y - y~)
+    slot = 2 * (g.n_layers - 1)
+    late = g.slots[slot].readers.start
+    grads = []
+    for restart in (False, True):
+        edge = mask.clone().requires_grad_(True)
+        if restart:
+            logits = mm.retry(mm.begin(clean, corrupted=cache, edge_mask=mask, positions=pos), edge, slot=slot)
+        else:
+            logits = mm(clean, corrupted=cache, edge_mask=edge, positions=pos)
+        logits.logsumexp(-1).sum().backward()
+        grads.append(edge.grad[:, late:])
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
+
+def test_begin_takes_a_given_stack_and_retry_checks_its_arguments(model):
+    clean, corrupted = _batch(9)
+    mm, g = MaskedModel(model), model.graph
+    cache = mm.corrupted_cache(corrupted)
+    full = mm.begin(clean, corrupted=cache).stack
+    given = full.clone()
+    state = mm.begin(clean, corrupted=cache, stack=given)  # no pass: the state uses the stack in place
+    assert state.stack is given and torch.equal(given, full)
+    with pytest.raises(ValueError, match="stack"):
+        mm.begin(clean, corrupted=cache, stack=given[:, :-1])
+    with pytest.raises(ValueError, match="slot"):
+        mm.retry(state, slot=g.n_slots)
+    with torch.no_grad(), pytest.raises(ValueError, match="attention slot"):
+        mm.retry(state, slot=1, heads=[0])
+
+
+def test_retry_shared_reads_follow_the_later_edges(model):
+    """``share_reads`` keeps later reads' parts from the writers before the slot; a retry whose
+    edges from those writers into later readers differ does not use them."""
+    if not model.adapter.head_subsets:
+        pytest.skip("shared reads need an adapter with head subsets")
+    clean, corrupted = _batch(10)
+    mm, g = MaskedModel(model), model.graph
+    pos = torch.tensor([6, 4, 5])
+    cache = mm.corrupted_cache(corrupted)
+    state = mm.begin(clean, corrupted=cache, positions=pos)
+    slot = 2  # layer 1's attention readers
+    first = g.mlp_reader(1) + 1
+    with torch.no_grad():
+        m1 = g.full_mask()
+        m1[0, g.attn_readers(1).start] = 0
+        mm.retry(state, m1, slot=slot, share_reads=True)
+        made = dict(state.shared)
+        assert made
+        m2 = m1.clone()
+        m2[0, first:] = 0  # the input's edges into later readers
+        for m, same in ((m1, True), (m2, False), (m1, False)):
+            got = mm.retry(state, m, slot=slot, share_reads=True)
+            want = mm(clean, corrupted=cache, edge_mask=m, positions=pos)
+            assert (got - want).abs().max().item() <= 1e-4
+            assert all(state.shared.get(key) is part for key, part in made.items()) == same
+        mm.retry(state, m1, slot=1)  # a retry at another slot drops them
+        assert not state.shared
 
 
 def test_engine_benchmark_reports_every_ratio():

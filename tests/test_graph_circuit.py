@@ -196,3 +196,46 @@ def test_graph_to_dict_and_back():
         shape = Circuit.empty(g).to_dict()["graph"]
         assert shape == {k: v for k, v in g.to_dict().items() if k in ("layers", "heads", "kv_heads", "parallel")}
         assert Graph.from_dict(shape) == g
+
+
+@pytest.mark.parametrize("layers,heads,kv,parallel", [(3, 4, None, False), (2, 6, 2, False), (2, 4, None, True)])
+def test_read_slots(layers, heads, kv, parallel):
+    """`Graph.slots`: 2L + 1 read points in forward order whose readers tile the readers, each
+    reading the prefix of writers its readers' edges come from; the writers computed from them tile
+    the writers after the input; `reader_order` visits every reader once, last slot first."""
+    g = Graph(layers, heads, kv, parallel=parallel)
+    slots = g.slots
+    assert len(slots) == g.n_slots == 2 * layers + 1 and [s.index for s in slots] == list(range(g.n_slots))
+    assert g.logits_slot == 2 * layers and slots[-1].kind == "logits" and slots[-1].name == "logits"
+    assert [s.name for s in slots[:4]] == ["a0", "m0", "a1", "m1"]
+    assert [r for s in slots for r in range(s.readers.start, s.readers.stop)] == list(range(g.n_readers))
+    assert [w for s in slots for w in range(s.writers.start, s.writers.stop)] == list(range(1, g.n_writers))
+    for s in slots:
+        assert s.writers.start == s.before and s.reads <= s.before
+        for r in range(s.readers.start, s.readers.stop):
+            assert g.read_slot(r) == s.index
+            assert g.valid[:, r].tolist() == [w < s.reads for w in range(g.n_writers)]
+    for l in range(layers):
+        attn, mlp = slots[2 * l], slots[2 * l + 1]
+        assert (attn.kind, attn.layer, mlp.kind, mlp.layer) == ("attn", l, "mlp", l)
+        assert mlp.before == attn.before + heads  # the layer's heads come before its MLP slot
+        assert mlp.reads == (attn.reads if parallel else mlp.before)  # a parallel MLP skips its layer's heads
+    for r, name in enumerate(g.reader_names):  # the node a reader feeds, from the names
+        nodes = [g.writer_names[w] for w in g.reader_nodes(r)]
+        if name == "logits":
+            assert nodes == []
+        elif name.endswith("<q>") or not g.grouped and name[-3:] in ("<k>", "<v>"):
+            assert nodes == [name[:-3]]
+        elif name[-3:] in ("<k>", "<v>"):
+            layer, group = name[1:-3].split(".g")
+            per = heads // g.kv_heads
+            assert nodes == [f"a{layer}.h{h}" for h in range(int(group) * per, (int(group) + 1) * per)]
+        else:
+            assert nodes == [name]  # an MLP reader feeds its MLP
+    order = g.reader_order()
+    assert order[0] == (g.logits_reader, g.logits_slot)
+    assert sorted(r for r, _ in order) == list(range(g.n_readers))
+    assert all(slot == g.read_slot(r) for r, slot in order)
+    assert [s for _, s in order] == sorted((s for _, s in order), reverse=True)
+    with pytest.raises(ValueError):
+        g.read_slot(g.n_readers)

@@ -161,7 +161,6 @@ def test_pruned_restarts_at_every_slot(neox):
     clean, corrupted = _batch(6)
     mm, g = MaskedModel(neox), neox.graph
     cache = mm.corrupted_cache(corrupted)
-    stack = torch.empty(g.n_writers, clean.numel() * neox.adapter.d_model)
     gen = torch.Generator().manual_seed(3)
     for slot in range(2 * g.n_layers + 1):
         first = (g.attn_readers(slot // 2).start if slot % 2 == 0 else g.mlp_reader(slot // 2)) \
@@ -169,14 +168,14 @@ def test_pruned_restarts_at_every_slot(neox):
         mask = torch.ones(g.n_writers, g.n_readers)
         mask[:, first:] = (torch.rand(g.n_writers, g.n_readers - first, generator=gen) < 0.4).float()
         with torch.no_grad():
-            mm(clean, corrupted=cache, stack=stack)
-            full = stack.clone()
-            got = mm(clean, corrupted=cache, edge_mask=mask, start_slot=slot, stack=stack)
+            state = mm.begin(clean, corrupted=cache)
+            full = state.stack.clone()
+            got = mm.retry(state, mask, slot=slot)
         want = mm(clean, corrupted=cache, edge_mask=mask)
         assert (got - want).abs().max().item() <= 1e-4, slot
         # the autograd pass restarts at the same slots
         edge = mask.clone().requires_grad_(True)
-        again = mm(clean, corrupted=cache, edge_mask=edge, start_slot=slot, stack=full)
+        again = mm.retry(mm.begin(clean, corrupted=cache, stack=full), edge, slot=slot)
         assert (again - want).abs().max().item() <= 1e-4, slot
         again.logsumexp(-1).sum().backward()
         assert torch.isfinite(edge.grad).all()
