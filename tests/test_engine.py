@@ -538,13 +538,15 @@ def test_begin_takes_a_given_stack_and_retry_checks_its_arguments(model):
 def test_retry_shared_reads_follow_the_later_edges(model):
     """``share_reads`` keeps later reads' parts from the writers before the slot; a retry whose
     edges from those writers into later readers differ does not use them."""
-    if not model.adapter.head_subsets:
-        pytest.skip("shared reads need an adapter with head subsets")
     clean, corrupted = _batch(10)
     mm, g = MaskedModel(model), model.graph
     pos = torch.tensor([6, 4, 5])
     cache = mm.corrupted_cache(corrupted)
     state = mm.begin(clean, corrupted=cache, positions=pos)
+    if not model.adapter.head_subsets:  # no pruned kernels, so nothing to share: a clear error
+        with torch.no_grad(), pytest.raises(ValueError, match="head_subsets"):
+            mm.retry(state, g.full_mask(), slot=2, share_reads=True)
+        return
     slot = 2  # layer 1's attention readers
     first = g.mlp_reader(1) + 1
     with torch.no_grad():
