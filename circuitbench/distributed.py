@@ -52,7 +52,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -159,40 +159,40 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
     from .store import ResultsStore, check_writable
 
     out = out or sys.stdout
-    jobs, _ = sweep.plan(device=device.split(":")[0], dtype=dtype)
+    jobs, refs = sweep.plan(device=device.split(":")[0], dtype=dtype)
     for job in jobs:
         if not getattr(get_method(job.method), "supports_data_parallel", False):
             raise UserError(f"method {job.method!r} cannot train data-parallel; only Edge Pruning (ep) can")
-    todo = None
-    if dp.rank == 0:
+    units = None
+    if dp.rank == 0:  # the one runner's plan, against the store; every rank runs the same units
         check_writable(results)
         store = ResultsStore(results)
         try:
-            status = store.job_status([j.job_id for j in jobs])
+            plan = runner.make_plan(jobs, refs, store, device, dtype, progress=False, threads=None)
         finally:
             store.close()
-        todo = [j.job_id for j in jobs if status.get(j.job_id) != "complete"]
-        print(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already complete in {results}; running "
-              f"{len(todo)} over {dp.world_size} processes", file=out, flush=True)
+        units = plan.units
+        todo = sum(u.kind == "job" for u in units)
+        print(f"{len(jobs)} jobs planned, {len(jobs) - todo} already complete in {results}; running "
+              f"{len(units)} units over {dp.world_size} processes", file=out, flush=True)
         for line in sweep.override_lines(jobs):  # as `circuitbench run` prints them
             print(f"override: {line}", file=out, flush=True)
-    box = [todo]
+    box = [units]
     dist.broadcast_object_list(box, src=0)
-    todo = set(box[0])
     failed = 0
     loaded: dict = {}
-    for job in (j for j in jobs if j.job_id in todo):
-        if job.model not in loaded:
+    for unit in box[0]:
+        model = unit.job.model if unit.job is not None else unit.reference.model
+        if model not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[job.model] = load_for_rank(job.model, device, dtype, fsdp, checkpoint)
-            preload(job.model, device, dtype, *loaded[job.model])
-        cls = get_method(job.method)
-        cls.data_parallel = dp  # this process is one rank of the group for every job it runs
-        unit = runner.Unit("job", job=job, device=device, dtype=dtype, progress=progress and dp.rank == 0)
-        result = runner.execute(unit)
+            loaded[model] = load_for_rank(model, device, dtype, fsdp, checkpoint)
+            preload(model, device, dtype, *loaded[model])
+        # the method instance of a job trains as this rank of the group (no class attribute changes)
+        result = runner.execute(replace(unit, progress=progress and dp.rank == 0,
+                                        data_parallel=dp if unit.kind == "job" else None))
         if result.kind == "failed":
             failed += 1
-        else:
+        elif unit.kind == "job":
             result.info["data_parallel"] = {"world_size": dp.world_size, "fsdp": fsdp, "checkpoint": checkpoint}
         if dp.rank == 0:
             store = ResultsStore(results)
@@ -201,9 +201,9 @@ def run_jobs(sweep, dp: DataParallel, device: str, dtype: str, results: str, fsd
             finally:
                 store.close()
             if result.kind == "failed":
-                print(f"job {job.job_id} ({job.label}) failed: {result.error}", file=sys.stderr)
+                print(f"{unit.label} failed: {result.error}", file=sys.stderr)
             else:
-                print(f"recorded {job.label}", file=out, flush=True)
+                print(f"recorded {unit.label}", file=out, flush=True)
     return failed
 
 

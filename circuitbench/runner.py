@@ -67,6 +67,7 @@ class Unit:
     threads: int | None = None  # torch threads in a worker process (None: leave as is)
     progress: bool = True
     stored: dict = field(default_factory=dict)  # "job": {key: StoredScores} for the method (`stored_inputs`)
+    data_parallel: object | None = None  # "job": this process's rank of a group (`distributed.DataParallel`)
 
     @property
     def label(self) -> str:
@@ -186,6 +187,8 @@ def _execute_job(unit: Unit, environment: dict) -> JobResult:
     harness["build_data"] = time.perf_counter() - t0
     method = get_method(job.method)(preset=job.method_preset, **job.method_overrides)
     method.stored = dict(unit.stored)
+    if unit.data_parallel is not None:  # this instance trains as one rank of a process group
+        method.data_parallel = unit.data_parallel
     torch.manual_seed(job.seed)  # anything left on the global RNG is seeded too
     result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
                              progress=unit.progress)

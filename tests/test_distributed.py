@@ -189,3 +189,32 @@ def test_results_folder_flag_reaches_a_task_sweep():
     args = _parser().parse_args(["--task", "ioi", "--model", "random:llama-tiny", "--sparsities", "0.5",
                                  "--results", "elsewhere", "--fsdp"])
     assert _sweep_from_args(args, "cpu").get("results") == "elsewhere"
+
+
+def test_torchrun_executor_runs_the_runners_plan(gloo_group, tmp_path):
+    """`circuitbench.distributed.run_jobs` (what torchrun's ranks run) plans through the one runner:
+    rank 0 plans against the store, every rank runs the same units (the job, and the references the
+    report normalises against), rank 0 records them; a second launch finds nothing left to run."""
+    import io
+
+    from circuitbench.distributed import DataParallel, _parser, _sweep_from_args, run_jobs
+    from circuitbench.store import ResultsStore
+
+    results = str(tmp_path / "r")
+    args = _parser().parse_args(["--task", "ioi", "--model", "random:llama-tiny", "--sparsities", "0.5",
+                                 "--n-train", "8", "--eval-limit", "8", "--method-preset", "smoke",
+                                 "--set", "ep.steps=2", "--set", "ep.batch_size=4", "--results", results])
+    sweep = _sweep_from_args(args, "cpu")
+    out = io.StringIO()
+    assert run_jobs(sweep, DataParallel(0, 1), "cpu", "float32", results, progress=False, out=out) == 0
+    assert "1 jobs planned, 0 already complete" in out.getvalue() and "running 2 units" in out.getvalue()
+    store = ResultsStore(results)
+    runs = store.runs(with_metrics=True)
+    assert len(runs) == 1 and runs["status"].eq("complete").all() and "test/kl" in runs
+    job_id = runs["job_id"].iloc[0]
+    assert store.job_status([job_id]) == {job_id: "complete"}
+    assert len(store.reference_metrics(task="ioi")) > 0  # the full model's and the empty circuit's metrics
+    store.close()
+    again = io.StringIO()
+    assert run_jobs(sweep, DataParallel(0, 1), "cpu", "float32", results, progress=False, out=again) == 0
+    assert "1 jobs planned, 1 already complete" in again.getvalue() and "running 0 units" in again.getvalue()
