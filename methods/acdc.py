@@ -46,6 +46,16 @@ has the same layout, since the slot's layer is full precision and everything aft
 reported KL of each circuit (``kl``) is then measured in full precision (one more pass), and the
 search's last mixed-precision loss is kept as ``search_kl``. float8 (the paper's GPU format) is
 not implemented: ``low_dtype`` float8 is a UserError.
+
+Checkpoints (``checkpoint_every_s``, default 300 s; 0: never): when the runner hands the method the
+job's `circuitbench.checkpoint.Checkpoint` (``self.checkpoint``), the search saves its state there
+between two passes whenever that many seconds have passed since the last save (`_Saver`), and a
+run of the same job that finds the state resumes the search from it (the taus already searched,
+then the current search at its reader and candidate: `run_acdc`'s ``resume``). The circuits,
+increases, ranking, trial and pass counts are the uninterrupted search's, bit for bit (why:
+`run_acdc`). A state saved under another configuration, state version, graph, task, training set
+or seed is ignored with a printed line. ``checkpoint_every_s`` is a run setting
+(`CircuitMethod.run_settings`): not part of the job id.
 """
 from __future__ import annotations
 

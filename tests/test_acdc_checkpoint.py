@@ -77,9 +77,21 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("trial_batch", [1, 8])
 @pytest.mark.parametrize("taus", [(3e-3,), (1e-3, 3e-2)])
 def test_interrupted_search_resumes_exactly(tiny, interrupt, tmp_path, trial_batch, taus, capsys):
-    model, eng = tiny
+    _, eng = tiny
+    _interrupt_twice_and_resume(eng, dict(taus=taus, batch_size=4, trial_batch=trial_batch,
+                                          checkpoint_every_s=EVERY_PASS), interrupt, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("trial_batch", [1, 8])
+def test_interrupted_pahq_search_resumes_exactly(interrupt, tmp_path, trial_batch, capsys):
+    """PAHQ: the current circuit's loss measured in the slot's precision layout is part of the state."""
+    eng = MaskedModel(load_model("random:gpt2-tiny"))
+    _interrupt_twice_and_resume(eng, dict(taus=(3e-3,), batch_size=4, trial_batch=trial_batch, precision="pahq",
+                                          checkpoint_every_s=EVERY_PASS), interrupt, tmp_path, capsys)
+
+
+def _interrupt_twice_and_resume(eng, kwargs, interrupt, tmp_path, capsys):
     task, train = SyntheticTask(), make_examples(8)
-    kwargs = dict(taus=taus, batch_size=4, trial_batch=trial_batch, checkpoint_every_s=EVERY_PASS)
     full = ACDC(**kwargs).discover(eng, task, train, None, [], progress=False)  # no checkpoint: none saved
     passes = sum(r["passes"] for r in full.info["taus"])
     assert "resumed" not in full.info and passes > 10
