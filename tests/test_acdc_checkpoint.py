@@ -133,9 +133,15 @@ def test_checkpoint_of_another_configuration_is_not_used(tiny, interrupt, tmp_pa
     # another job's file is not even read as a state
     assert Checkpoint(ck.path, "another-job").load() is None
     assert "written for job job" in capsys.readouterr().err
-    # a damaged file is ignored, and so is the checkpoint when checkpoint_every_s is 0
+    # a damaged file is ignored
     ck.path.write_bytes(b"not a checkpoint")
     assert ck.load() is None and "unreadable" in capsys.readouterr().err
+    # checkpoint_every_s = 0: no checkpoint is read or written
+    ck.clear()
+    quiet = ACDC(taus=(3e-2,), batch_size=4, checkpoint_every_s=0)
+    quiet.checkpoint = ck
+    _assert_same(got, quiet.discover(eng, task, train, None, [], progress=False))
+    assert not ck.exists()
 
 
 def test_checkpoint_every_s_is_checked_and_not_part_of_the_job_id():
