@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -151,7 +152,7 @@ class ACDC(CircuitMethod):
             result.info["low_dtype"] = cfg.low_dtype
         width = trial_width(engine, plan, cfg.trial_batch)
         result.info.update(width)
-        saver = _Saver.open(self.checkpoint, cfg, g, task, train, seed, meter)
+        saver = _Saver.open(getattr(self, "checkpoint", None), cfg, g, task, train, seed, meter)
         done = saver.done if saver is not None else []
         if saver is not None and saver.resumed is not None:
             result.info["resumed"] = saver.resumed
@@ -196,15 +197,16 @@ class _Saver:
     state found at the start.
 
     The state: a fingerprint (`STATE_VERSION`, the resolved configuration without run settings,
-    the graph's shape, task, training examples and seed: a checkpoint with another one is ignored
-    with a printed line), the finished taus' results (circuit, increases, loss, trials, pass
-    counts), the current tau's search (`run_acdc`'s ``resume``: mask, increases, readers kept,
-    position in the reader order and among the reader's candidates, current loss, trial and pass
-    counts, the width and `Trials`' stale heads, and the writer stack rows of the current slot's
-    heads, which trials at that slot take as given), and the cost spent so far (wall time per
-    phase, passes, peak memory). A resumed job's cost adds what the earlier processes spent up to
-    their last save and what this one spends (its setup and the full model's pass again); work
-    after the last save is lost and not counted. ``info["resumed"]`` says where each resume started."""
+    the graph's shape, the task, the training examples (their number and a digest) and the seed: a
+    checkpoint with another one is ignored with a printed line), the finished taus' results
+    (circuit, increases, loss, trials, pass counts), the current tau's search (`run_acdc`'s
+    ``resume``: mask, increases, readers kept, position in the reader order and among the reader's
+    candidates, current loss, trial and pass counts, the width and `Trials`' stale heads, and the
+    writer stack rows of the current slot's heads, which trials at that slot take as given), and
+    the cost spent so far (wall time per phase, passes; the peak memory is the last process's). A
+    resumed job's cost adds what the earlier processes spent up to their last save and what this
+    one spends (its setup and the full model's pass again); work after the last save is lost and
+    not counted. ``info["resumed"]`` says where each resume started."""
 
     def __init__(self, checkpoint, every_s: float, fingerprint: str, meter):
         self.checkpoint, self.every_s, self.fingerprint, self.meter = checkpoint, float(every_s), fingerprint, meter
@@ -225,7 +227,8 @@ class _Saver:
                     if k != "per_task" and k not in ACDC.run_settings}
         fingerprint = json.dumps({"version": STATE_VERSION, "config": identity,
                                   "graph": [graph.n_writers, graph.n_readers, int(graph.n_edges)],
-                                  "task": getattr(task, "name", None), "n_train": len(train), "seed": int(seed)},
+                                  "task": getattr(task, "name", None), "n_train": len(train), "seed": int(seed),
+                                  "train": _examples_digest(train)},
                                  sort_keys=True, default=str)
         saver = cls(checkpoint, cfg.checkpoint_every_s, fingerprint, meter)
         state = checkpoint.load()
@@ -614,6 +617,17 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
         counts["search_kl"] = current
         current = trial.full(mask)
     return (mask > 0) & valid, increase, current, trials
+
+
+def _examples_digest(examples) -> str:
+    """A digest of the training examples' token ids and scored positions (part of a checkpoint's
+    fingerprint: a search resumes only on the examples it started on)."""
+    h = hashlib.sha256()
+    for t in (examples.clean, examples.corrupted, examples.attention_mask, examples.positions):
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _search_state(g, plan, trial, width, slot, **values) -> dict:
