@@ -150,9 +150,10 @@ def check_sparsities(sparsities) -> list[float]:
     return out
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar with time left (disabled when ``enabled`` is false)."""
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar with time left (disabled when ``enabled`` is false), starting at ``initial`` (a
+    resumed search)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, initial=initial,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")

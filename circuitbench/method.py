@@ -21,6 +21,17 @@ A method may build on other methods' scores (an ensemble): `CircuitMethod.score_
 (method, hyperparameters) whose scores it can use, and the runner hands it the ones its results
 store already holds for the same data as `StoredScores` in ``method.stored`` before ``discover``;
 a method never reads the store itself.
+
+A method that runs long may save its state and resume from it: for a job its results store will
+record, the runner sets ``method.checkpoint`` (a `circuitbench.checkpoint.Checkpoint` keyed by the
+job id, at ``<store>/checkpoints/<job_id>.pt``; None otherwise) before ``discover``. ``discover``
+may ``save`` a state dict there now and then and, when it finds one on ``load``, continue from it;
+the state must carry whatever tells the method it was written under the same configuration (the
+job id is checked by the checkpoint), and the result must be the uninterrupted run's. The store
+removes the file once the job is recorded. Methods that ignore it still work (ACDC uses it).
+Config fields that change how a run goes but never its result (ACDC's ``checkpoint_every_s``) are
+named in ``run_settings``: they are left out of the job's id (`circuitbench.sweep.resolved_method_config`),
+so changing one neither reruns a complete job nor orphans a checkpoint.
 """
 from __future__ import annotations
 
@@ -92,6 +103,7 @@ class CircuitMethod(ABC):
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict]] = {}
     produces: ClassVar[str]  # "scores" or "circuits"
+    run_settings: ClassVar[tuple[str, ...]] = ()  # Config fields left out of the job id (module docstring)
 
     def __init__(self, config=None, preset: str | None = None, **overrides):
         if config is not None and not isinstance(config, self.Config):
@@ -100,6 +112,7 @@ class CircuitMethod(ABC):
         self.overrides = dict(overrides)
         self.config = self._layered(config, preset, overrides)
         self.stored: dict[str, StoredScores] = {}  # filled by the runner, see `score_inputs`
+        self.checkpoint = None  # a `circuitbench.checkpoint.Checkpoint` set by the runner (module docstring)
 
     def config_for(self, task) -> object:
         """The Config with the ``per_task`` entries for ``task`` applied (explicit overrides win)."""

@@ -16,6 +16,9 @@ before any work starts, skips what the store already holds, and executes the res
   `ResultsStore.record` (circuit files, then one transaction per job): a crash or ``kill -9`` loses at most the units in flight, and a
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
+  A long method saves its state while it runs (``method.checkpoint``, a `circuitbench.checkpoint.
+  Checkpoint` at ``<store>/checkpoints/<job_id>.pt``: ACDC's search) and the rerun of an interrupted
+  or failed job resumes from it; the store removes the file when it records the job.
   Derived steps after a sweep (the case study's cross evaluations and intersection,
   `circuitbench.casestudy.derive`; edge faithfulness, `circuitbench.faithfulness`) return typed
   results too, recorded the same way.
@@ -68,6 +71,7 @@ class Unit:
     progress: bool = True
     stored: dict = field(default_factory=dict)  # "job": {key: StoredScores} for the method (`stored_inputs`)
     data_parallel: object | None = None  # "job": this process's rank of a group (`distributed.DataParallel`)
+    checkpoint: str | None = None  # "job": where its method saves its state (`ResultsStore.checkpoint_path`)
 
     @property
     def label(self) -> str:
@@ -189,6 +193,10 @@ def _execute_job(unit: Unit, environment: dict) -> JobResult:
     method.stored = dict(unit.stored)
     if unit.data_parallel is not None:  # this instance trains as one rank of a process group
         method.data_parallel = unit.data_parallel
+    if unit.checkpoint is not None:  # a job the store will record: its method may save and resume
+        from .checkpoint import Checkpoint
+
+        method.checkpoint = Checkpoint(unit.checkpoint, job.job_id)
     torch.manual_seed(job.seed)  # anything left on the global RNG is seeded too
     result = method.discover(engine, task, train, validation, list(job.sparsities), seed=job.seed,
                              progress=unit.progress)
@@ -323,7 +331,8 @@ def make_plan(jobs: list[JobSpec], refs: list[Reference], store: ResultsStore | 
     for job in jobs:
         if status.get(job.job_id) != "complete":
             units.append(Unit("job", job=job, device=device, dtype=dtype, threads=threads, progress=progress,
-                              stored=stored_inputs(store, job) if store is not None else {}))
+                              stored=stored_inputs(store, job) if store is not None else {},
+                              checkpoint=str(store.checkpoint_path(job.job_id)) if store is not None else None))
             continue
         have = store.run_sparsities(job.job_id)
         missing = tuple(s for s in job.sparsities if not any(math.isclose(s, h, abs_tol=1e-9) for h in have))

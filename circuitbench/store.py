@@ -6,6 +6,8 @@ Layout of a results folder (default ``results/``)::
     circuits/<run_id>.json      each evaluated circuit, native circuitbench JSON (no scores)
     scores/<job_id>.npy         the edge scores of a score-based job (float32 [W, R], NaN = no edge),
                                 kept so a larger sparsity grid later cuts them without rediscovery
+    checkpoints/<job_id>.pt     a job in flight's saved method state (`circuitbench.checkpoint`; ACDC's
+                                search), resumed when the job runs again, removed once it is recorded
 
 Vocabulary: a **job** is one discovery: method x task x model x n_train x seed (x target sparsity
 for methods that train one circuit per target, such as Edge Pruning). A **run** is one circuit a
@@ -505,7 +507,14 @@ class ResultsStore:
             return self.record_failure(result.row(), result.error)
         if result.kind == "extend":
             return self.add_runs(result.spec.job_id, list(result.runs), result.metrics, result.circuits) > 0
-        return self.record_job(result.row(), list(result.runs), result.metrics, result.circuits, result.scores)
+        recorded = self.record_job(result.row(), list(result.runs), result.metrics, result.circuits, result.scores)
+        self.checkpoint_path(result.spec.job_id).unlink(missing_ok=True)  # the job is complete now
+        return recorded
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        """Where job ``job_id``'s method saves its state while it runs (`circuitbench.checkpoint`);
+        `record` removes the file once the job is complete (a failed job keeps it for its retry)."""
+        return self.root / "checkpoints" / f"{job_id}.pt"
 
     def record_job(self, job: dict, runs: list[dict], metrics: dict[str, dict[str, dict[str, float]]],
                    circuits: dict[str, dict], scores=None) -> bool:

@@ -486,9 +486,11 @@ def _jsonable(value):
 def resolved_method_config(method_cls, preset: str, overrides: dict, task: str) -> dict:
     """The hyperparameters ``method_cls`` will use on the task named ``task``, as JSON (per-task
     entries applied, the ``per_task`` table itself dropped: other tasks' entries must not change
-    this job's id)."""
+    this job's id; the method's ``run_settings`` dropped too: they never change its result)."""
     cfg = _jsonable(method_cls.resolve_config(preset, overrides, task))
     cfg.pop("per_task", None)
+    for name in getattr(method_cls, "run_settings", ()):
+        cfg.pop(name, None)
     return cfg
 
 

@@ -46,11 +46,25 @@ has the same layout, since the slot's layer is full precision and everything aft
 reported KL of each circuit (``kl``) is then measured in full precision (one more pass), and the
 search's last mixed-precision loss is kept as ``search_kl``. float8 (the paper's GPU format) is
 not implemented: ``low_dtype`` float8 is a UserError.
+
+Checkpoints (``checkpoint_every_s``, default 300 s; 0: never): when the runner hands the method the
+job's `circuitbench.checkpoint.Checkpoint` (``self.checkpoint``), the search saves its state there
+between two passes whenever that many seconds have passed since the last save (`_Saver`), and a
+run of the same job that finds the state resumes the search from it (the taus already searched,
+then the current search at its reader and candidate: `run_acdc`'s ``resume``). The circuits,
+increases, ranking, trial and pass counts are the uninterrupted search's, bit for bit (why:
+`run_acdc`). A state saved under another configuration, state version, graph, task, training set
+or seed is ignored with a printed line. ``checkpoint_every_s`` is a run setting
+(`CircuitMethod.run_settings`): not part of the job id.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +89,7 @@ class ACDCConfig:
     adapt: bool = True  # halve the batch after a rejection, double it after a pass of accepts (`_Width`)
     precision: str = "float32"  # "pahq": trials in low_dtype except the trial's own component (module docstring)
     low_dtype: str = "bfloat16"  # PAHQ's low precision: bfloat16 or float16 (float32: a check of the harness)
+    checkpoint_every_s: float = 300.0  # save the search state this often (the job's checkpoint; 0: never)
     per_task: dict = field(default_factory=dict)
 
 
@@ -90,9 +105,14 @@ class ACDC(CircuitMethod):
         "smoke": {"taus": (1e-3,), "batch_size": 8},
     }
     produces = "scores"
+    run_settings = ("checkpoint_every_s",)  # not part of the job id: it never changes the result
 
     @classmethod
     def check_config(cls, config) -> None:
+        every = config.checkpoint_every_s
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+            raise UserError(f"acdc's checkpoint_every_s must be a number of seconds >= 0 (0: no checkpoints), "
+                            f"got {every!r}")
         if isinstance(config.trial_batch, bool) or not isinstance(config.trial_batch, int) or config.trial_batch < 1:
             raise UserError(f"acdc needs trial_batch >= 1 (an integer), got {config.trial_batch!r}")
         if config.precision not in PRECISIONS:
@@ -132,13 +152,27 @@ class ACDC(CircuitMethod):
             result.info["low_dtype"] = cfg.low_dtype
         width = trial_width(engine, plan, cfg.trial_batch)
         result.info.update(width)
+        saver = _Saver.open(getattr(self, "checkpoint", None), cfg, g, task, train, seed, meter)
+        done = saver.done if saver is not None else []
+        if saver is not None and saver.resumed is not None:
+            result.info["resumed"] = saver.resumed
         for i, tau in enumerate(taus):
             stats = {}
-            with meter.phase("search"):
-                edges, increase, kl, trials = run_acdc(engine, task, plan, tau, meter, progress,
-                                                       f"acdc {i + 1}/{len(taus)} tau={tau:g}",
-                                                       trial_batch=width["trial_batch"], adapt=cfg.adapt,
-                                                       stats=stats)
+            if i < len(done):  # searched before the interruption: as saved
+                edges, increase, kl, trials, saved_stats = (done[i][k] for k in ("edges", "increase", "kl",
+                                                                                 "trials", "stats"))
+                edges, increase, stats = edges.to(engine.device), increase.to(engine.device), dict(saved_stats)
+            else:
+                resume = saver.search if saver is not None and saver.search is not None and saver.tau == i else None
+                if saver is not None:
+                    saver.begin(i)
+                with meter.phase("search"):
+                    edges, increase, kl, trials = run_acdc(engine, task, plan, tau, meter, progress,
+                                                           f"acdc {i + 1}/{len(taus)} tau={tau:g}",
+                                                           trial_batch=width["trial_batch"], adapt=cfg.adapt,
+                                                           stats=stats, checkpoint=saver, resume=resume)
+                if saver is not None:
+                    saver.finished(edges, increase, kl, trials, stats)
             scores = increase.cpu()
             circuit = Circuit(g, edges.cpu(), scores, meta={"method": "acdc", "tau": tau, "kl": kl})
             result.circuits.setdefault(circuit.sparsity, circuit)
@@ -148,7 +182,109 @@ class ACDC(CircuitMethod):
             if i == 0:
                 result.scores = ranking(increase.cpu())
         result.cost = meter.finish()
+        if saver is not None:
+            saver.add_saved_cost(result.cost)
+            result.info["checkpoint_saves"] = saver.saves
         return result
+
+
+STATE_VERSION = 1  # of the search state ACDC saves in a job's checkpoint (`_Saver`)
+
+
+class _Saver:
+    """ACDC's use of the job's `circuitbench.checkpoint.Checkpoint`: the search state saved every
+    ``checkpoint_every_s`` seconds, between two passes of the search (`run_acdc` asks `due`), and the
+    state found at the start.
+
+    The state: a fingerprint (`STATE_VERSION`, the resolved configuration without run settings,
+    the graph's shape, the task, the training examples (their number and a digest) and the seed: a
+    checkpoint with another one is ignored with a printed line), the finished taus' results
+    (circuit, increases, loss, trials, pass counts), the current tau's search (`run_acdc`'s
+    ``resume``: mask, increases, readers kept, position in the reader order and among the reader's
+    candidates, current loss, trial and pass counts, the width and `Trials`' stale heads, and the
+    writer stack rows of the current slot's heads, which trials at that slot take as given), and
+    the cost spent so far (wall time per phase, passes; the peak memory is the last process's). A
+    resumed job's cost adds what the earlier processes spent up to their last save and what this
+    one spends (its setup and the full model's pass again); work after the last save is lost and
+    not counted. ``info["resumed"]`` says where each resume started."""
+
+    def __init__(self, checkpoint, every_s: float, fingerprint: str, meter):
+        self.checkpoint, self.every_s, self.fingerprint, self.meter = checkpoint, float(every_s), fingerprint, meter
+        self.done: list[dict] = []
+        self.search, self.tau, self.resumed = None, None, None
+        self.saved_cost = {"wall_s": {}, "forward_passes": 0, "backward_passes": 0}
+        self.saves = 0
+        self.last = time.monotonic()
+        self.current, self.t_search = None, None
+
+    @classmethod
+    def open(cls, checkpoint, cfg, graph, task, train, seed, meter):
+        """None when there is no checkpoint or ``checkpoint_every_s`` is 0; otherwise the saver, with
+        the state of a matching checkpoint loaded (a mismatching one is ignored, said on stderr)."""
+        if checkpoint is None or not cfg.checkpoint_every_s > 0:
+            return None
+        identity = {k: v for k, v in dataclasses.asdict(cfg).items()
+                    if k != "per_task" and k not in ACDC.run_settings}
+        fingerprint = json.dumps({"version": STATE_VERSION, "config": identity,
+                                  "graph": [graph.n_writers, graph.n_readers, int(graph.n_edges)],
+                                  "task": getattr(task, "name", None), "n_train": len(train), "seed": int(seed),
+                                  "train": _examples_digest(train)},
+                                 sort_keys=True, default=str)
+        saver = cls(checkpoint, cfg.checkpoint_every_s, fingerprint, meter)
+        state = checkpoint.load()
+        if state is None:
+            return saver
+        if state.get("fingerprint") != fingerprint:
+            checkpoint.say("saved by another ACDC configuration or state version (not this search's); "
+                           "starting afresh")
+            return saver
+        saver.done = list(state["done"])
+        saver.search, saver.tau = state["search"], state["tau"]
+        saver.saved_cost = dict(state["cost"])
+        search = saver.search or {}
+        saver.resumed = list(state.get("resumed", [])) + [{
+            "tau_index": saver.tau, "taus_done": len(saver.done), "trials": search.get("trials", 0),
+            "edges_done": search.get("done_edges", 0), "saved_cost_s": sum(saver.saved_cost["wall_s"].values())}]
+        checkpoint.say(f"resuming ACDC: {len(saver.done)} tau(s) done, the current one at "
+                       f"{search.get('done_edges', 0)} edges decided ({search.get('trials', 0)} trials)")
+        return saver
+
+    def begin(self, tau_index: int):
+        self.current, self.t_search = tau_index, time.perf_counter()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def _cost(self) -> dict:
+        """What was spent up to now: the saved cost plus this process's (the search phase in progress
+        counted to now)."""
+        wall = dict(self.saved_cost["wall_s"])
+        for k, v in self.meter.cost.wall_s.items():
+            wall[k] = wall.get(k, 0.0) + v
+        if self.t_search is not None:
+            wall["search"] = wall.get("search", 0.0) + time.perf_counter() - self.t_search
+        return {"wall_s": wall, "forward_passes": self.saved_cost["forward_passes"] + self.meter.cost.forward_passes,
+                "backward_passes": self.saved_cost["backward_passes"] + self.meter.cost.backward_passes}
+
+    def save(self, search: dict | None):
+        state = {"fingerprint": self.fingerprint, "done": self.done, "tau": self.current, "search": search,
+                 "cost": self._cost(), "resumed": self.resumed or []}
+        if self.checkpoint.save(state):
+            self.saves += 1
+        self.last = time.monotonic()
+
+    def finished(self, edges, increase, kl, trials, stats):
+        self.done.append({"edges": edges.cpu(), "increase": increase.cpu(), "kl": float(kl), "trials": int(trials),
+                          "stats": dict(stats)})
+        self.t_search = None
+
+    def add_saved_cost(self, cost):
+        """Add what earlier processes spent (up to their last save) to this one's `Cost`."""
+        saved = self.saved_cost
+        for k, v in saved["wall_s"].items():
+            cost.wall_s[k] = cost.wall_s.get(k, 0.0) + float(v)
+        cost.forward_passes += int(saved["forward_passes"])
+        cost.backward_passes += int(saved["backward_passes"])
 
 
 def ranking(increase: torch.Tensor) -> torch.Tensor:
@@ -348,7 +484,7 @@ class _Width:
 
 @torch.no_grad()
 def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_subsets=True, trial_batch=1,
-             adapt=True, stats=None):
+             adapt=True, stats=None, checkpoint=None, resume=None):
     """One ACDC search at threshold ``tau``. Returns (edges bool [W, R], loss increase per tried
     edge [W, R] with NaN elsewhere, final mean loss, number of trials). ``head_subsets=False``
     recomputes every live head of a trial's layer (the same search, slower; see `Trials`).
@@ -364,7 +500,16 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     On a mixed-precision engine (PAHQ, see the module docstring) the current circuit's loss is
     measured again in each new slot's precision layout before the slot's first trial (``stats``:
     ``baselines``), and the final mean loss returned is measured exactly (a full pass); ``stats``
-    gets the search's last mixed-precision loss as ``search_kl``."""
+    gets the search's last mixed-precision loss as ``search_kl``.
+
+    ``checkpoint`` (a `_Saver`): between two passes, when it is `_Saver.due`, the search state is
+    saved (`_search_state`); ``resume``: such a state, the search continues from it and ends exactly
+    as the uninterrupted search (the same circuit, increases, trials and pass counts). Why that is
+    exact: the search starts with the full model's pass in both (every row of every batch's writer
+    stack rewritten, as before the interruption); rows of writers before the current slot are only
+    ever written by that pass; a trial recomputes every live row after its slot before reading it;
+    the rows it takes as given at an attention slot, the layer's heads it does not recompute, are
+    saved and put back; the later reads shared at a slot are made again from the same rows."""
     g = engine.graph
     dev = engine.device
     valid = g.valid.to(dev)
@@ -383,22 +528,46 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
     current = trial.full(mask)
     measured_at = None  # the slot whose precision layout ``current`` was measured in (mixed precision)
     trials = 0
-    bar = progress_bar(g.n_edges, desc, progress)
-    for reader, slot in g.reader_order():
-        nodes = g.reader_nodes(reader)
-        connected = not nodes or any(bool(((mask[w] > 0) & reader_on).any()) for w in nodes)
-        if not connected:
-            mask[:, reader] = 0.0
-            bar.update(visible[reader])
+    start, start_i = 0, None  # where a resumed search continues: reader position, candidate index
+    if resume is not None:
+        mask = resume["mask"].to(device=dev, dtype=mask.dtype)
+        increase = resume["increase"].to(dev)
+        reader_on = resume["reader_on"].to(dev)
+        current, measured_at, trials = float(resume["current"]), resume["measured_at"], int(resume["trials"])
+        counts.update(resume["counts"])
+        width.now = int(resume["width"])
+        _restore_rows(g, plan, resume)
+        trial._slot, trial._stale, trial._trial = resume["slot"], set(resume["stale"]), set(resume["trial"])
+        start, start_i = int(resume["pos"]), int(resume["i"])
+    done_edges = int(resume["done_edges"]) if resume is not None else 0  # decided: the bar's count
+    if resume is not None:
+        desc += f" (resumed at {done_edges}/{g.n_edges})"
+    bar = progress_bar(g.n_edges, desc, progress, initial=done_edges)
+    for pos, (reader, slot) in enumerate(g.reader_order()):
+        if pos < start:
             continue
-        reader_on[reader] = True
         candidates = list(reversed(range(visible[reader])))  # latest writer first
-        if trial.mixed is not None and candidates and slot != measured_at:
-            current = trial.baseline(mask, slot)  # the trials at this slot compare in its layout
-            measured_at = slot
-            counts["baselines"] += 1
-        i = 0
+        if pos == start and start_i is not None:  # resumed inside this reader: its checks were made
+            i = start_i
+        else:
+            nodes = g.reader_nodes(reader)
+            connected = not nodes or any(bool(((mask[w] > 0) & reader_on).any()) for w in nodes)
+            if not connected:
+                mask[:, reader] = 0.0
+                bar.update(visible[reader])
+                done_edges += visible[reader]
+                continue
+            reader_on[reader] = True
+            if trial.mixed is not None and candidates and slot != measured_at:
+                current = trial.baseline(mask, slot)  # the trials at this slot compare in its layout
+                measured_at = slot
+                counts["baselines"] += 1
+            i = 0
         while i < len(candidates):
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(_search_state(g, plan, trial, width, slot, pos=pos, i=i, mask=mask, increase=increase,
+                                              reader_on=reader_on, current=current, measured_at=measured_at,
+                                              trials=trials, counts=counts, done_edges=done_edges))
             k = min(width.now, len(candidates) - i)
             if k == 1:  # one trial, one pass (it rewrites the stack's rows from the slot on)
                 w = candidates[i]
@@ -417,6 +586,7 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
                 counts["copies"] += 1
                 i += 1
                 bar.update(1)
+                done_edges += 1
                 continue
             values = mask[:, reader].repeat(k, 1)
             for j in range(k):  # copy j: candidates i..i+j removed
@@ -440,9 +610,48 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
             width.update(decided, not rejected)
             i += decided
             bar.update(decided)
+            done_edges += decided
         bar.set_postfix(kl=f"{current:.3g}", kept=int(mask.sum()), refresh=False)
     bar.close()
     if trial.mixed is not None:  # the circuit's loss in full precision
         counts["search_kl"] = current
         current = trial.full(mask)
     return (mask > 0) & valid, increase, current, trials
+
+
+def _examples_digest(examples) -> str:
+    """A digest of the training examples' token ids and scored positions (part of a checkpoint's
+    fingerprint: a search resumes only on the examples it started on)."""
+    h = hashlib.sha256()
+    for t in (examples.clean, examples.corrupted, examples.attention_mask, examples.positions):
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _search_state(g, plan, trial, width, slot, **values) -> dict:
+    """`run_acdc`'s state between two passes (what ``resume`` takes), on the CPU: ``values`` (position,
+    tensors, loss, counts), the width, `Trials`' slot and stale heads and, at an attention slot with
+    the batches' stacks kept, each batch's stack rows of the slot's heads (trials there take the
+    heads they do not recompute as given; every other row is remade exactly by the resumed search)."""
+    state = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+    state["counts"] = dict(values["counts"])
+    state.update(width=width.now, slot=trial._slot, stale=sorted(trial._stale), trial=sorted(trial._trial))
+    rows = None
+    at = g.slots[slot]
+    if plan.keep_corrupted and at.kind == "attn":
+        rows = [p.state.stack[at.writers].cpu().clone() for p in plan.epoch()]
+    state.update(rows=rows, rows_slot=slot)
+    return state
+
+
+def _restore_rows(g, plan, state):
+    """Put a saved state's stack rows back (after the full model's pass refilled the stacks)."""
+    if state["rows"] is None:
+        return
+    if not plan.keep_corrupted:
+        raise RuntimeError("the checkpoint holds stack rows but this search keeps no stacks")
+    at = g.slots[state["rows_slot"]]
+    for p, rows in zip(plan.epoch(), state["rows"], strict=True):
+        p.state.stack[at.writers] = rows.to(device=p.state.stack.device, dtype=p.state.stack.dtype)

@@ -180,6 +180,8 @@ class Ensemble(CircuitMethod):
             except UserError as err:
                 raise UserError(f"ensemble member {name}: {err}") from None
             mcfg.pop("per_task", None)
+            for setting in get_method(name).run_settings:  # as a member's own job id leaves them out
+                mcfg.pop(setting, None)
             resolved[name] = mcfg
         return dataclasses.replace(config, members=names, member_config=resolved)
 
