@@ -465,8 +465,9 @@ def _copy_store(src, dst):
 
 @pytest.mark.parametrize("committed", COMMITTED, ids=[p.parent.name for p in COMMITTED])
 def test_committed_stores_open_read_only_and_migrate_on_a_copy(committed, tmp_path):
-    """The stores committed under docs/results (schema 1) still open for the report, unchanged,
-    and a writable open migrates them to the current schema (on a copy: never docs/results)."""
+    """The stores committed under docs/results (schema 1, or 2 once a run wrote to them) open for the
+    report unchanged, and a writable open migrates them to the current schema (on a copy: never
+    docs/results)."""
     import sqlite3
 
     from circuitbench.report.data import load_report_data
@@ -474,6 +475,8 @@ def test_committed_stores_open_read_only_and_migrate_on_a_copy(committed, tmp_pa
 
     store = _copy_store(committed, tmp_path / "store")
     before = _files(store)
+    version_before = sqlite3.connect(store / "results.db").execute("PRAGMA user_version").fetchone()[0]
+    assert 1 <= version_before <= SCHEMA_VERSION
     data = load_report_data(store)
     try:
         assert not data.runs.empty and data.edge_faithfulness.empty
@@ -483,7 +486,7 @@ def test_committed_stores_open_read_only_and_migrate_on_a_copy(committed, tmp_pa
         data.store.close()
     assert _files(store) == before
     version = sqlite3.connect(store / "results.db").execute("PRAGMA user_version").fetchone()[0]
-    assert version < SCHEMA_VERSION  # read-only: migrated in memory, not in the file
+    assert version == version_before  # read-only: an older store is migrated in memory, not in the file
     writable = ResultsStore(store)
     try:
         columns = {r[1] for r in writable._connect().execute("PRAGMA table_info(jobs)")}
