@@ -240,8 +240,8 @@ def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
             fwd, bwd = float(row["forward_passes"] or 0), float(row["backward_passes"] or 0)
             batch = max(1, min(int(method_cfg.get("batch_size") or 32), int(row["n_train"])))
         fe = fwd + 2 * bwd
-        evaluated = eval_by_job.get(row["job_id"])
-        train_wall = wall - (float(evaluated) if evaluated == evaluated and evaluated is not None else 0.0)
+        evaluated = eval_by_job.get(row["job_id"])  # NaN when no run of the job recorded eval_s
+        train_wall = wall - (0.0 if evaluated is None or math.isnan(evaluated) else float(evaluated))
         if fe > 0 and train_wall > 0:
             per_example.setdefault((row["method"], row["model"], dev), []).append(train_wall / (fe * batch))
         if row.get("eval_s") and row.get("n_examples"):
