@@ -60,15 +60,13 @@ or seed is ignored with a printed line. ``checkpoint_every_s`` is a run setting
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from circuitbench.checkpoint import StateSaver, fingerprint
 from circuitbench.circuit import Circuit
 from circuitbench.errors import UserError
 from circuitbench.engine import MaskedModel
@@ -191,31 +189,28 @@ class ACDC(CircuitMethod):
 STATE_VERSION = 1  # of the search state ACDC saves in a job's checkpoint (`_Saver`)
 
 
-class _Saver:
-    """ACDC's use of the job's `circuitbench.checkpoint.Checkpoint`: the search state saved every
-    ``checkpoint_every_s`` seconds, between two passes of the search (`run_acdc` asks `due`), and the
-    state found at the start.
+class _Saver(StateSaver):
+    """ACDC's use of the job's `circuitbench.checkpoint.Checkpoint` (a `circuitbench.checkpoint.StateSaver`):
+    the search state saved every ``checkpoint_every_s`` seconds, between two passes of the search
+    (`run_acdc` asks `due`), and the state found at the start.
 
-    The state: a fingerprint (`STATE_VERSION`, the resolved configuration without run settings,
-    the graph's shape, the task, the training examples (their number and a digest) and the seed: a
-    checkpoint with another one is ignored with a printed line), the finished taus' results
-    (circuit, increases, loss, trials, pass counts), the current tau's search (`run_acdc`'s
-    ``resume``: mask, increases, readers kept, position in the reader order and among the reader's
-    candidates, current loss, trial and pass counts, the width and `Trials`' stale heads, and the
-    writer stack rows of the current slot's heads, which trials at that slot take as given), and
-    the cost spent so far (wall time per phase, passes; the peak memory is the last process's). A
-    resumed job's cost adds what the earlier processes spent up to their last save and what this
-    one spends (its setup and the full model's pass again); work after the last save is lost and
-    not counted. ``info["resumed"]`` says where each resume started."""
+    The state: a fingerprint (`circuitbench.checkpoint.fingerprint` of `STATE_VERSION`, the resolved
+    configuration without run settings, the graph's shape, the task, the training examples (their
+    number and a digest) and the seed: a checkpoint with another one is ignored with a printed line),
+    the finished taus' results (circuit, increases, loss, trials, pass counts), the current tau's
+    search (`run_acdc`'s ``resume``: mask, increases, readers kept, position in the reader order and
+    among the reader's candidates, current loss, trial and pass counts, the width and `Trials`' stale
+    heads, and the writer stack rows of the current slot's heads, which trials at that slot take as
+    given), and the cost spent so far (wall time per phase, passes; the peak memory is the last
+    process's). A resumed job's cost adds what the earlier processes spent up to their last save and
+    what this one spends (its setup and the full model's pass again); work after the last save is
+    lost and not counted. ``info["resumed"]`` says where each resume started."""
 
     def __init__(self, checkpoint, every_s: float, fingerprint: str, meter):
-        self.checkpoint, self.every_s, self.fingerprint, self.meter = checkpoint, float(every_s), fingerprint, meter
+        super().__init__(checkpoint, every_s, fingerprint, meter)
         self.done: list[dict] = []
-        self.search, self.tau, self.resumed = None, None, None
-        self.saved_cost = {"wall_s": {}, "forward_passes": 0, "backward_passes": 0}
-        self.saves = 0
-        self.last = time.monotonic()
-        self.current, self.t_search = None, None
+        self.search, self.tau = None, None
+        self.current = None
 
     @classmethod
     def open(cls, checkpoint, cfg, graph, task, train, seed, meter):
@@ -223,68 +218,32 @@ class _Saver:
         the state of a matching checkpoint loaded (a mismatching one is ignored, said on stderr)."""
         if checkpoint is None or not cfg.checkpoint_every_s > 0:
             return None
-        identity = {k: v for k, v in dataclasses.asdict(cfg).items()
-                    if k != "per_task" and k not in ACDC.run_settings}
-        fingerprint = json.dumps({"version": STATE_VERSION, "config": identity,
-                                  "graph": [graph.n_writers, graph.n_readers, int(graph.n_edges)],
-                                  "task": getattr(task, "name", None), "n_train": len(train), "seed": int(seed),
-                                  "train": _examples_digest(train)},
-                                 sort_keys=True, default=str)
-        saver = cls(checkpoint, cfg.checkpoint_every_s, fingerprint, meter)
-        state = checkpoint.load()
-        if state is None:
-            return saver
-        if state.get("fingerprint") != fingerprint:
-            checkpoint.say("saved by another ACDC configuration or state version (not this search's); "
+        saver = cls(checkpoint, cfg.checkpoint_every_s,
+                    fingerprint(STATE_VERSION, cfg, ACDC.run_settings, graph, task, train, seed), meter)
+        state = saver.load("saved by another ACDC configuration or state version (not this search's); "
                            "starting afresh")
+        if state is None:
             return saver
         saver.done = list(state["done"])
         saver.search, saver.tau = state["search"], state["tau"]
-        saver.saved_cost = dict(state["cost"])
         search = saver.search or {}
-        saver.resumed = list(state.get("resumed", [])) + [{
-            "tau_index": saver.tau, "taus_done": len(saver.done), "trials": search.get("trials", 0),
-            "edges_done": search.get("done_edges", 0), "saved_cost_s": sum(saver.saved_cost["wall_s"].values())}]
-        checkpoint.say(f"resuming ACDC: {len(saver.done)} tau(s) done, the current one at "
-                       f"{search.get('done_edges', 0)} edges decided ({search.get('trials', 0)} trials)")
+        saver.resume({"tau_index": saver.tau, "taus_done": len(saver.done), "trials": search.get("trials", 0),
+                      "edges_done": search.get("done_edges", 0)},
+                     f"resuming ACDC: {len(saver.done)} tau(s) done, the current one at "
+                     f"{search.get('done_edges', 0)} edges decided ({search.get('trials', 0)} trials)")
         return saver
 
     def begin(self, tau_index: int):
-        self.current, self.t_search = tau_index, time.perf_counter()
-
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every_s
-
-    def _cost(self) -> dict:
-        """What was spent up to now: the saved cost plus this process's (the search phase in progress
-        counted to now)."""
-        wall = dict(self.saved_cost["wall_s"])
-        for k, v in self.meter.cost.wall_s.items():
-            wall[k] = wall.get(k, 0.0) + v
-        if self.t_search is not None:
-            wall["search"] = wall.get("search", 0.0) + time.perf_counter() - self.t_search
-        return {"wall_s": wall, "forward_passes": self.saved_cost["forward_passes"] + self.meter.cost.forward_passes,
-                "backward_passes": self.saved_cost["backward_passes"] + self.meter.cost.backward_passes}
+        self.current = tau_index
+        self.running["search"] = time.perf_counter()  # the search phase in progress, counted in a save
 
     def save(self, search: dict | None):
-        state = {"fingerprint": self.fingerprint, "done": self.done, "tau": self.current, "search": search,
-                 "cost": self._cost(), "resumed": self.resumed or []}
-        if self.checkpoint.save(state):
-            self.saves += 1
-        self.last = time.monotonic()
+        return super().save({"done": self.done, "tau": self.current, "search": search})
 
     def finished(self, edges, increase, kl, trials, stats):
         self.done.append({"edges": edges.cpu(), "increase": increase.cpu(), "kl": float(kl), "trials": int(trials),
                           "stats": dict(stats)})
-        self.t_search = None
-
-    def add_saved_cost(self, cost):
-        """Add what earlier processes spent (up to their last save) to this one's `Cost`."""
-        saved = self.saved_cost
-        for k, v in saved["wall_s"].items():
-            cost.wall_s[k] = cost.wall_s.get(k, 0.0) + float(v)
-        cost.forward_passes += int(saved["forward_passes"])
-        cost.backward_passes += int(saved["backward_passes"])
+        self.running.pop("search", None)
 
 
 def ranking(increase: torch.Tensor) -> torch.Tensor:
@@ -617,17 +576,6 @@ def run_acdc(engine, task, plan, tau, meter, progress=True, desc="acdc", head_su
         counts["search_kl"] = current
         current = trial.full(mask)
     return (mask > 0) & valid, increase, current, trials
-
-
-def _examples_digest(examples) -> str:
-    """A digest of the training examples' token ids and scored positions (part of a checkpoint's
-    fingerprint: a search resumes only on the examples it started on)."""
-    h = hashlib.sha256()
-    for t in (examples.clean, examples.corrupted, examples.attention_mask, examples.positions):
-        if t is not None:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _search_state(g, plan, trial, width, slot, **values) -> dict:
