@@ -85,6 +85,15 @@ class DataParallel:
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` (picklable: e.g. a state of CPU tensors) on every rank of the group
+        (Edge Pruning's checkpoint: rank 0 reads it, every rank resumes from it)."""
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
 
 def init_from_env(backend: str | None = None) -> tuple[DataParallel, str]:
     """Join the process group torchrun describes in the environment; returns (DataParallel, device).
