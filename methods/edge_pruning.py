@@ -41,6 +41,24 @@ step, with each shard's KL weighted by its share of the global batch, so every p
 step one process would take on the whole batch and the masks stay identical everywhere.
 ``gradient_checkpointing`` recomputes each layer in the backward pass (`MaskedModel(checkpoint=True)`).
 
+Checkpoints (``checkpoint_every_s``, default 300 s; 0: never; nothing to do with
+``gradient_checkpointing``): when the runner hands the method the job's
+`circuitbench.checkpoint.Checkpoint` (``self.checkpoint``), training saves its state there before a
+step whenever that many seconds have passed since the last save (`_Saver`), and a run of the same
+job that finds the state resumes from it: the runs (independent schedule) or stages (path) already
+finished as saved, then the run in progress at that step, with its masks, multipliers, both Adam
+optimisers and learning-rate schedules, the mask samples' generator, the batch order (`_Cycle`) and
+the stopping rule's window as they were (`EdgePruning._train`'s ``resume``), and a warm start's
+scores as the first process computed them. Every circuit (edges and scores), each target's info but
+its wall time, and the training log are the uninterrupted job's, bit for bit (same device, dtype and
+thread count). A state saved under another configuration, state version, graph, task, training set,
+seed, target list, warm start, device, dtype or data-parallel world size is ignored with a printed
+line. ``info["resumed"]`` says where each resume began, ``info["checkpoint_saves"]`` how many saves
+this process made; the progress bar of the resumed stage says ``(resumed at step N)``. Data parallel:
+rank 0 saves, and at the start rank 0 reads the checkpoint and sends the state to every rank, which
+all resume from it. ``checkpoint_every_s`` is a run setting (`CircuitMethod.run_settings`): not part of
+the job id.
+
 Presets: ``paper`` is appendix B of the paper for GPT-2 (batch 32, 3,000 steps, ramp over 2,500,
 learning rate 0.8 for masks and lambdas, node targets per task) and, for the Tracr tasks, the
 settings of the paper's Tracr scripts (fixed edge and node targets whatever sparsity is requested,
@@ -54,11 +72,14 @@ through the range where the KL could hold it; decaying to 0 ends training while 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from circuitbench.checkpoint import StateSaver, fingerprint, tensor_digest
 from circuitbench.circuit import Circuit, edges_for_sparsity
 from circuitbench.errors import UserError
 from circuitbench.method import (CircuitMethod, CostMeter, MethodResult, get_method, register_method,
@@ -133,6 +154,7 @@ class EdgePruningConfig:
     cache_mib: float = 2048.0  # keep prepared batches (corrupted caches) when they fit in this
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (large models)
     log_every: int = 10
+    checkpoint_every_s: float = 300.0  # save the training state this often (the job's checkpoint; 0: never)
     schedule: str = "independent"  # "independent": one run per target; "path": one run through every target
     stage_ramp_steps: int = 50  # the path: steps over which the target moves on from the previous one
     stop: str = "none"  # "none": every run (path: stage) takes `steps`; "converged": the stopping rule may end it
@@ -185,6 +207,7 @@ class EdgePruning(CircuitMethod):
     }
     produces = "circuits"
     supports_data_parallel = True
+    run_settings = ("checkpoint_every_s",)  # not part of the job id: it never changes the result
     # set by circuitbench.distributed: a DataParallel (rank, world size, gradient all-reduce), or None
     data_parallel = None
 
@@ -224,17 +247,6 @@ class EdgePruning(CircuitMethod):
         if dp is not None and cfg.batch_size < dp.world_size:
             raise UserError(f"a global batch of {cfg.batch_size} cannot be split over {dp.world_size} processes; "
                             f"use batch_size >= {dp.world_size}")
-        with meter.phase("setup"):
-            plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed)
-            # every process keeps the same global partition and prepares only its shard of each batch;
-            # kl_scales[i]: the factor turning the shard's KL sum into its part of batch i's mean
-            kl_scales = [1.0 / len(part) for part in plan.parts]
-            if dp is not None:
-                kl_scales = [dp.weight(part) / len(part) for part in plan.parts]
-                plan.parts = [dp.shard(part) for part in plan.parts]
-            warm = None
-            if cfg.warm_start is not None:
-                warm = self._warm_scores(cfg, engine, task, train, validation, sparsities, seed, meter)
         result = MethodResult(circuits={}, info={"targets": {}, "warm_start": _warm_name(cfg.warm_start),
                                                  "schedule": cfg.schedule})
         # Tracr presets fix the training target: one run serves every requested sparsity.
@@ -245,25 +257,70 @@ class EdgePruning(CircuitMethod):
             runs = [sorted(stages.items())]  # one run, targets in increasing order
         else:
             runs = [[item] for item in stages.items()]
+        with meter.phase("setup"):
+            plan = BatchPlan(engine, task, train, cfg.batch_size, meter, cfg.cache_mib, seed=seed)
+            # every process keeps the same global partition and prepares only its shard of each batch;
+            # kl_scales[i]: the factor turning the shard's KL sum into its part of batch i's mean
+            kl_scales = [1.0 / len(part) for part in plan.parts]
+            if dp is not None:
+                kl_scales = [dp.weight(part) / len(part) for part in plan.parts]
+                plan.parts = [dp.shard(part) for part in plan.parts]
+            # the job's saved training state (`_Saver`): the warm start's scores, the finished runs' and
+            # stages' circuits, the log so far and the run in progress, which `_train` continues from
+            saver = _Saver.open(getattr(self, "checkpoint", None), cfg, self.preset, engine, task, train, seed, meter,
+                                runs, dp, result.log)
+            state = saver.state if saver is not None else None
+            warm = None
+            if cfg.warm_start is not None:
+                if state is not None:  # the scores the interrupted training started from
+                    warm = state["warm"]
+                else:
+                    warm = self._warm_scores(cfg, engine, task, train, validation, sparsities, seed, meter)
+                if saver is not None:
+                    saver.warm = warm.detach().cpu().clone()
+        first_run = 0
+        if state is not None:
+            result.log.extend(state["log"])
+            for requested, circuit, info in saver.emitted_results(engine.graph):
+                result.circuits[requested] = circuit
+                result.info["targets"][requested] = info
+            first_run = state["run"]
+            result.info["resumed"] = saver.resumed
+        # engine.checkpoint is gradient checkpointing (`MaskedModel`), unrelated to the job's checkpoint
         checkpoint_before = engine.checkpoint
         engine.checkpoint = cfg.gradient_checkpointing or checkpoint_before
         try:
             for i, run in enumerate(runs):
+                if i < first_run:  # trained before the interruption: its circuits are the saved ones
+                    continue
                 desc = f"ep {i + 1}/{len(runs)}" if len(runs) > 1 else "ep"
+                resume = state["training"] if state is not None and i == first_run else None
                 for requested, circuit, info in self._train(cfg, engine, task, plan, kl_scales, run, warm, seed,
-                                                            meter, progress, desc, result.log):
+                                                            meter, progress, desc, result.log, saver=saver,
+                                                            run_index=i, resume=resume):
                     result.circuits[requested] = circuit
                     result.info["targets"][requested] = info
         finally:
             engine.checkpoint = checkpoint_before
         result.cost = meter.finish()
+        if saver is not None:
+            saver.add_saved_cost(result.cost)
+            result.info["checkpoint_saves"] = saver.saves
         return result
 
     # ---- one training run: one stage per target (several on the sparsity path) ------------------------
-    def _train(self, cfg, engine, task, plan, kl_scales, stages, warm, seed, meter, progress, desc, log):
+    def _train(self, cfg, engine, task, plan, kl_scales, stages, warm, seed, meter, progress, desc, log, saver=None,
+               run_index=0, resume=None):
         """Train one set of masks through ``stages`` ([(training target, [requested sparsities])], in
         order), emitting (requested sparsity, circuit, info) at the end of each stage. Appends the
-        training curve to ``log``."""
+        training curve to ``log``.
+
+        ``saver`` (a `_Saver`): before a step, when it is due, the run's state is saved (run ``run_index``,
+        `_training_state`); ``resume``: such a state, the run continues from it (the stages before its
+        stage were emitted before the interruption and are not emitted again) and ends exactly as the
+        uninterrupted run: the masks, multipliers, both optimisers and learning-rate schedules, the mask
+        samples' and the batch order's generators, the position in the epoch and the stopping rule's
+        KLs are as they were before that step."""
         g = engine.graph
         dev = engine.device
         hc = HardConcrete(cfg.beta, cfg.left, cfg.right, cfg.eps)
@@ -292,19 +349,51 @@ class EdgePruning(CircuitMethod):
         dp = self.data_parallel
         if dp is not None:
             progress = progress and dp.rank == 0
-        batches = _cycle(plan, batch_gen)
+        batches = _Cycle(plan, batch_gen)
         step = 0  # over the whole run
+        first_stage = 0
+        if resume is not None:  # the state before the step the save was made at
+            with torch.no_grad():
+                for param, key in ((la_edge, "la_edge"), (la_node, "la_node"), (lambdas, "lambdas")):
+                    param.copy_(resume[key].to(device=dev, dtype=param.dtype))
+            opt.load_state_dict(resume["opt"])
+            opt_l.load_state_dict(resume["opt_lambda"])
+            for sch, saved in zip(scheds, resume["scheds"], strict=True):
+                sch.load_state_dict(saved)
+            gen.set_state(resume["gen"])
+            batches.load_state(resume["batches"])
+            start, step, first_stage = float(resume["start"]), int(resume["step"]), int(resume["stage"])
         for k, (target, requested) in enumerate(stages):
+            if k < first_stage:  # emitted before the interruption
+                continue
+            resumed_here = resume is not None and k == first_stage
+            first_step = int(resume["stage_step"]) if resumed_here else 0
             node_target = None if cfg.node_target is None or not cfg.node_loss else min(cfg.node_target, target)
             node_start = 0.0 if k == 0 else min(cfg.node_target or 0.0, stages[k - 1][0])
             ramp = cfg.ramp_steps if k == 0 else cfg.stage_ramp_steps
             rule = StoppingRule(cfg, ramp) if cfg.stop == "converged" else None
-            bar = progress_bar(cfg.steps, f"{desc} t={target:g}" + (f" ({k + 1}/{len(stages)})" if len(stages) > 1 else ""),
-                               progress)
+            if resumed_here and rule is not None:
+                rule.kls, rule.steps = [float(v) for v in resume["rule"]["kls"]], int(resume["rule"]["steps"])
+            label = f"{desc} t={target:g}" + (f" ({k + 1}/{len(stages)})" if len(stages) > 1 else "")
+            if resumed_here:
+                label += f" (resumed at step {first_step})"
+            bar = progress_bar(cfg.steps, label, progress, initial=first_step)
             t0 = meter.cost.wall_s.get("train", 0.0)
+            before = float(resume["stage_train_s"]) if resumed_here else 0.0  # this stage's training before
             stopped = "max_steps"
             with meter.phase("train"):
-                for stage_step in range(cfg.steps):
+                t_phase = time.perf_counter()
+                if saver is not None:
+                    saver.running["train"] = t_phase  # counted in a save's cost
+                for stage_step in range(first_step, cfg.steps):
+                    if saver is not None and saver.due():
+                        saver.save_run(run_index, _training_state(
+                            stage=k, stage_step=stage_step, step=step, start=start,
+                            stage_train_s=before + time.perf_counter() - t_phase, la_edge=la_edge, la_node=la_node,
+                            lambdas=lambdas, opt=opt.state_dict(), opt_lambda=opt_l.state_dict(),
+                            scheds=[sch.state_dict() for sch in scheds], gen=gen.get_state(),
+                            batches=batches.state(),
+                            rule=None if rule is None else {"kls": list(rule.kls), "steps": rule.steps}))
                     frac = min(1.0, stage_step / ramp) if ramp > 0 else 1.0
                     t_edge = start + (target - start) * frac
                     index, prepared = next(batches)
@@ -372,8 +461,10 @@ class EdgePruning(CircuitMethod):
                     if done:
                         stopped = "converged"
                         break
+                if saver is not None:
+                    saver.running.pop("train", None)
             bar.close()
-            stage_s = meter.cost.wall_s.get("train", 0.0) - t0
+            stage_s = before + meter.cost.wall_s.get("train", 0.0) - t0
             start = target  # the next stage ramps on from here
 
             with meter.phase("discretise"), torch.no_grad():
@@ -399,6 +490,8 @@ class EdgePruning(CircuitMethod):
                         if rule is not None:
                             info["window_kl"] = rule.window_mean()
                         made[n_keep] = circuit, info
+                    if saver is not None:
+                        saver.emit(run_index, k, s, *made[n_keep])
                     yield (s, *made[n_keep])
 
     # ---- warm start ------------------------------------------------------------------------------------
@@ -494,11 +587,150 @@ def _top_edges(value, tie, valid, k):
     return keep.view_as(value) & (valid > 0)
 
 
-def _cycle(plan, generator):
-    """(index, prepared batch) forever, each epoch in a seeded shuffled order."""
-    while True:
-        for i in torch.randperm(len(plan), generator=generator).tolist():
-            yield i, plan.get(i)
+class _Cycle:
+    """(index, prepared batch) forever, each epoch in a seeded shuffled order (`next`). Resumable: its
+    `state` (the current epoch's order, the position in it and the generator's state) put back with
+    `load_state` continues the same sequence."""
+
+    def __init__(self, plan, generator):
+        self.plan, self.generator = plan, generator
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pos >= len(self.order):  # the next epoch's order, drawn when its first batch is needed
+            self.order, self.pos = torch.randperm(len(self.plan), generator=self.generator).tolist(), 0
+        i = self.order[self.pos]
+        self.pos += 1
+        return i, self.plan.get(i)
+
+    def state(self) -> dict:
+        return {"order": list(self.order), "pos": self.pos, "generator": self.generator.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.order, self.pos = [int(i) for i in state["order"]], int(state["pos"])
+        self.generator.set_state(state["generator"])
+
+
+STATE_VERSION = 1  # of the training state Edge Pruning saves in a job's checkpoint (`_Saver`)
+
+
+def _training_state(**values) -> dict:
+    """`EdgePruning._train`'s state before a step (what its ``resume`` takes), every tensor on the CPU."""
+    return _to_cpu(values)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class _Saver(StateSaver):
+    """Edge Pruning's use of the job's `circuitbench.checkpoint.Checkpoint` (a
+    `circuitbench.checkpoint.StateSaver`): the training state saved every ``checkpoint_every_s`` seconds,
+    before a step (`EdgePruning._train` asks `due`), and the state found at the start.
+
+    The state: a fingerprint (`circuitbench.checkpoint.fingerprint` of `STATE_VERSION`, the resolved
+    configuration without run settings, where a warm start's scores come from (a method's name and
+    the preset, or the given scores' digest), the graph's shape, the task, the training examples, the
+    seed, the runs and stages with their requested sparsities, the device type and dtype, and the
+    data-parallel world size: a checkpoint with another one is ignored with a printed line); the warm
+    start's scores (``warm``: a resumed job starts its later runs from them, not from a warm start
+    computed again); the circuits and infos the finished runs and stages emitted (``circuits``: edges,
+    scores, meta, each once; ``emitted``: run, stage, requested sparsity, circuit index, info); the
+    training log so far; the run in progress (``run``) and its state before the next step
+    (``training``, `EdgePruning._train`'s ``resume``: stage, step counters, ``start``, the stage's
+    training time, log alphas, multipliers, both Adam optimisers' and learning-rate schedules' state
+    dicts, the mask samples' generator, the batch order (`_Cycle.state`) and the stopping rule's
+    KLs); and the cost spent so far. A resumed job's cost adds what the earlier processes spent up to
+    their last save and what this one spends (its setup and batch preparation again);
+    work after the last save is lost and not counted. ``info["resumed"]`` says where each resume
+    began.
+
+    Data parallel: rank 0 reads the checkpoint and sends the state to every rank (they all resume from
+    it, `circuitbench.distributed.DataParallel.broadcast_object`); only rank 0 writes."""
+
+    def __init__(self, checkpoint, every_s, fingerprint, meter, write, log):
+        super().__init__(checkpoint, every_s, fingerprint, meter, write=write)
+        self.log = log  # the job's training log (appended to as it trains)
+        self.circuits: list[dict] = []
+        self.emitted: list[dict] = []
+        self._index: dict[int, tuple[int, Circuit]] = {}  # id(circuit) -> its place in ``circuits``
+        self.state = None
+        self.warm = None  # the warm start's scores (CPU), saved so that a resumed job starts from the same
+
+    @classmethod
+    def open(cls, checkpoint, cfg, preset, engine, task, train, seed, meter, runs, dp, log):
+        """None when there is no checkpoint or ``checkpoint_every_s`` is 0; otherwise the saver, with
+        the state of a matching checkpoint loaded (a mismatching one is ignored, said on stderr)."""
+        if checkpoint is None or not cfg.checkpoint_every_s > 0:
+            return None
+        identity = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        identity["warm_start"] = _warm_name(cfg.warm_start)  # scores: by their digest below
+        warm = None  # what the warm start's scores come from
+        if isinstance(cfg.warm_start, str):
+            warm = {"method": cfg.warm_start, "preset": preset}
+        elif cfg.warm_start is not None:
+            warm = {"scores": tensor_digest(torch.as_tensor(cfg.warm_start).float())}
+        fp = fingerprint(STATE_VERSION, identity, EdgePruning.run_settings, engine.graph, task, train, seed,
+                         runs=[[[float(t), [float(s) for s in requested]] for t, requested in run] for run in runs],
+                         warm=warm, device=engine.device.type,
+                         dtype=str(engine.dtype), data_parallel=None if dp is None else dp.world_size)
+        saver = cls(checkpoint, cfg.checkpoint_every_s, fp, meter, dp is None or dp.rank == 0, log)
+        mismatch = ("saved by another Edge Pruning configuration or state version (not this job's); "
+                    "starting afresh")
+        if dp is None:
+            state = saver.load(mismatch)
+        else:  # rank 0 reads the file; every rank resumes from what it read (the others may not see it)
+            sent = dp.broadcast_object((fp, checkpoint.load()) if dp.rank == 0 else None)
+            if sent[0] != fp:
+                raise RuntimeError(f"rank {dp.rank}'s Edge Pruning training differs from rank 0's "
+                                   "(their checkpoint fingerprints differ)")
+            state = saver.accept(sent[1], mismatch)
+        if state is None:
+            return saver
+        saver.state = state
+        saver.circuits, saver.emitted = list(state["circuits"]), list(state["emitted"])
+        t = state["training"]
+        saver.resume({"run": int(state["run"]), "stage": int(t["stage"]), "step": int(t["step"]),
+                      "stage_step": int(t["stage_step"]), "targets_done": len(saver.emitted)},
+                     f"resuming Edge Pruning: run {int(state['run']) + 1}/{len(runs)}, stage {int(t['stage']) + 1} "
+                     f"at step {int(t['stage_step'])} ({int(t['step'])} steps of the run done, "
+                     f"{len(saver.emitted)} target(s) emitted before)")
+        return saver
+
+    def emitted_results(self, graph) -> list[tuple[float, Circuit, dict]]:
+        """The saved (requested sparsity, circuit, info) in the order they were emitted (a circuit that
+        served several requested sparsities is one object again)."""
+        built = []
+        for payload in self.circuits:
+            circuit = Circuit(graph, payload["edges"], payload["scores"], meta=dict(payload["meta"]))
+            self._index[id(circuit)] = (len(built), circuit)
+            built.append(circuit)
+        return [(e["requested"], built[e["circuit"]], dict(e["info"])) for e in self.emitted]
+
+    def emit(self, run: int, stage: int, requested: float, circuit: Circuit, info: dict):
+        """Record a circuit a finished stage emitted (saved with every later state)."""
+        if id(circuit) not in self._index:
+            self._index[id(circuit)] = (len(self.circuits), circuit)
+            self.circuits.append({"edges": circuit.edges.clone(),
+                                  "scores": None if circuit.scores is None else circuit.scores.clone(),
+                                  "meta": dict(circuit.meta)})
+        self.emitted.append({"run": run, "stage": stage, "requested": requested,
+                             "circuit": self._index[id(circuit)][0], "info": dict(info)})
+
+    def save_run(self, run: int, training: dict):
+        """Save the state before a step of run ``run`` (``training``: `_training_state`)."""
+        return self.save({"run": run, "training": training, "warm": self.warm, "circuits": self.circuits,
+                          "emitted": self.emitted, "log": self.log})
 
 
 def _all_reduce_step(dp, params, kl, loss):
@@ -520,6 +752,10 @@ def _warm_name(ws):
 
 
 def _check(cfg):
+    every = cfg.checkpoint_every_s
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise UserError(f"ep's checkpoint_every_s must be a number of seconds >= 0 (0: no checkpoints), "
+                        f"got {every!r}")
     if cfg.discretise not in DISCRETISE:
         raise UserError(f"discretise must be one of {', '.join(DISCRETISE)}, got {cfg.discretise!r}")
     if cfg.schedule not in SCHEDULES:
