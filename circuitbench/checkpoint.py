@@ -2,7 +2,8 @@
 
 The runner gives every job unit it will record a `Checkpoint` at ``<store>/checkpoints/<job_id>.pt``
 (`ResultsStore.checkpoint_path`) as ``method.checkpoint`` before ``discover``
-(`circuitbench.method.CircuitMethod`). A method that runs long saves its state there now and then;
+(`circuitbench.method.CircuitMethod`). A method that runs long (ACDC's search, Edge Pruning's
+training) saves its state there now and then;
 when the same job runs again after an interruption (the same command: a job in flight, or one
 recorded as failed, is planned again) it loads the state and continues. The store removes the file
 once the job is recorded (`ResultsStore.record`). A method that ignores its checkpoint still works.

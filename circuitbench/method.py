@@ -28,8 +28,9 @@ job id, at ``<store>/checkpoints/<job_id>.pt``; None otherwise) before ``discove
 may ``save`` a state dict there now and then and, when it finds one on ``load``, continue from it;
 the state must carry whatever tells the method it was written under the same configuration (the
 job id is checked by the checkpoint), and the result must be the uninterrupted run's. The store
-removes the file once the job is recorded. Methods that ignore it still work (ACDC uses it).
-Config fields that change how a run goes but never its result (ACDC's ``checkpoint_every_s``) are
+removes the file once the job is recorded. Methods that ignore it still work (ACDC and Edge Pruning
+use it, through `circuitbench.checkpoint.StateSaver`). Config fields that change how a run goes but never
+its result (ACDC's and Edge Pruning's ``checkpoint_every_s``) are
 named in ``run_settings``: they are left out of the job's id (`circuitbench.sweep.resolved_method_config`),
 so changing one neither reruns a complete job nor orphans a checkpoint.
 """

@@ -17,8 +17,9 @@ before any work starts, skips what the store already holds, and executes the res
   rerun of the same command skips every complete job (jobs are identified by a hash of their
   configuration). A job that raises is recorded as failed with its error and retried on rerun.
   A long method saves its state while it runs (``method.checkpoint``, a `circuitbench.checkpoint.
-  Checkpoint` at ``<store>/checkpoints/<job_id>.pt``: ACDC's search) and the rerun of an interrupted
-  or failed job resumes from it; the store removes the file when it records the job.
+  Checkpoint` at ``<store>/checkpoints/<job_id>.pt``: ACDC's search, Edge Pruning's training) and
+  the rerun of an interrupted or failed job resumes from it; the store removes the file when it
+  records the job.
   Derived steps after a sweep (the case study's cross evaluations and intersection,
   `circuitbench.casestudy.derive`; edge faithfulness, `circuitbench.faithfulness`) return typed
   results too, recorded the same way.

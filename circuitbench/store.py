@@ -7,7 +7,8 @@ Layout of a results folder (default ``results/``)::
     scores/<job_id>.npy         the edge scores of a score-based job (float32 [W, R], NaN = no edge),
                                 kept so a larger sparsity grid later cuts them without rediscovery
     checkpoints/<job_id>.pt     a job in flight's saved method state (`circuitbench.checkpoint`; ACDC's
-                                search), resumed when the job runs again, removed once it is recorded
+                                search, Edge Pruning's training), resumed when the job runs again,
+                                removed once it is recorded
 
 Vocabulary: a **job** is one discovery: method x task x model x n_train x seed (x target sparsity
 for methods that train one circuit per target, such as Edge Pruning). A **run** is one circuit a
