@@ -208,13 +208,17 @@ def planned_passes_for(method: str, cfg: dict, n_train: int, n_edges: int | None
 
 def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
     """From complete jobs: wall times by exact configuration, and seconds per example of one
-    *planned* pass by (method, model, device type): training wall time (the job's wall less its
+    *planned* pass by (method, model, device type), and by (method, model, device type, task):
+    training wall time (the job's wall less its
     circuits' evaluation) / ((forward + 2 backward) x batch size), forward and backward as
     `planned_passes_for` counts them for that job. Dividing by the planned count, not the passes
     the job recorded, calibrates a count that is only an upper bound: ACDC's one trial per edge
     (its searches try far fewer; readers cut off from the output are skipped, and a batched pass
     holds several trials), Edge Pruning's steps when the stopping rule ends stages early. A job
-    whose method is no longer registered falls back to its recorded passes."""
+    whose method is no longer registered falls back to its recorded passes. The per-task rates let a
+    task's own jobs calibrate its estimate: how far below the upper bound a search stays depends on
+    the task (ACDC kept 60-93 edges alive at the end on gt and gp, tens of thousands for most of the
+    search on ioi)."""
     by_config, per_example = {}, {}
     if store is None:
         return by_config, per_example
@@ -243,11 +247,12 @@ def _measured_rates(store: ResultsStore | None) -> tuple[dict, dict]:
         evaluated = eval_by_job.get(row["job_id"])  # NaN when no run of the job recorded eval_s
         train_wall = wall - (0.0 if evaluated is None or math.isnan(evaluated) else float(evaluated))
         if fe > 0 and train_wall > 0:
-            per_example.setdefault((row["method"], row["model"], dev), []).append(train_wall / (fe * batch))
+            for key in ((row["method"], row["model"], dev), (row["method"], row["model"], dev, row["task"])):
+                per_example.setdefault(key, []).append(train_wall / (fe * batch))
         if row.get("eval_s") and row.get("n_examples"):
             # an evaluation batch is three passes: reference, corrupted and masked
-            per_example.setdefault(("evaluate", row["model"], dev), []).append(
-                float(row["eval_s"]) / (3 * float(row["n_examples"])))
+            for key in (("evaluate", row["model"], dev), ("evaluate", row["model"], dev, row["task"])):
+                per_example.setdefault(key, []).append(float(row["eval_s"]) / (3 * float(row["n_examples"])))
     return by_config, per_example
 
 
@@ -257,7 +262,8 @@ def estimate_plan(plan, store: ResultsStore | None, probe: bool = False) -> tupl
     A job whose exact configuration (method settings, task, model, n_train, device) the store
     already ran takes that run's mean wall time ("measured"). Otherwise its planned passes
     (`planned_passes`) x seconds per pass: measured from the store's jobs of the same method,
-    model and device when there are some; else, with ``probe``, measured now on the model and a
+    model and device when there are some (those on the job's task when it has some, else on every
+    task); else, with ``probe``, measured now on the model and a
     batch of the task (`probe_pass_s`, models up to `PROBE_MAX_PARAMS`); else assumed
     (`assumed_forward_s`). Every circuit's
     evaluation adds three passes (reference, corrupted, masked) per test batch; a reference unit
@@ -280,9 +286,12 @@ def estimate_plan(plan, store: ResultsStore | None, probe: bool = False) -> tupl
         def seconds(kind: str, batch: int, backward: bool = False):
             """Seconds of one pass (a training step is a forward and a backward: 1 + 2 passes;
             ``backward``: the pass is part of such a step)."""
+            rates = per_example.get((kind, item.model, dev, item.task))
+            if rates:
+                return float(np.median(rates)) * batch, "measured (stored jobs on this task, per planned pass)"
             rates = per_example.get((kind, item.model, dev))
             if rates:
-                return float(np.median(rates)) * batch, "measured (stored jobs, per planned pass)"
+                return float(np.median(rates)) * batch, "measured (stored jobs on other tasks, per planned pass)"
             probed = probe_pass_s(item.model, item.task, plan.device, plan.dtype, batch) if probe else None
             if probed is not None:
                 forward, step = probed

@@ -323,6 +323,48 @@ def test_runs_are_deterministic(tmp_path):
     assert len(a) == 2 and a == b
 
 
+def test_dry_run_calibrates_each_task_by_its_own_stored_jobs(tmp_path):
+    """How far a search stays below its upper bound depends on the task (ACDC on ioi keeps tens of
+    thousands of edges alive where gt keeps a hundred), so a task's stored jobs set its estimate;
+    a task with none takes the rate of the model's jobs on other tasks, and says so."""
+    from circuitbench import costs, runner
+    from test_store import make_job
+
+    store = ResultsStore(tmp_path)
+    for job_id, task, wall in (("aaaa000000000001", "ioi-t1", 2.0), ("aaaa000000000002", "gt", 200.0)):
+        job, runs, metrics, circuits, scores = make_job(job_id, method="acdc", task=task)
+        job["wall_total_s"] = wall
+        store.record_job(job, runs, metrics, circuits, scores)
+    _, per_example = costs._measured_rates(store)
+    model = ("acdc", "random:gpt2-tiny", "cpu")
+    fast, slow = per_example[(*model, "ioi-t1")], per_example[(*model, "gt")]
+    assert len(fast) == len(slow) == 1 and slow[0] > 50 * fast[0]
+    assert sorted(per_example[model]) == sorted(fast + slow)
+
+    def estimate(task):
+        other = sweep(methods="acdc", sparsities="0.9", n_train="4", tasks=task,
+                      method_config={"acdc": {"taus": [0.5]}})
+        jobs, refs, _ = runner.validate(other, "cpu", "float32")
+        plan = runner.make_plan(jobs, refs, store, "cpu", "float32", False, None)
+        _, per_unit = costs.estimate_plan(plan, store, probe=False)
+        _, secs, how = next(u for u in per_unit if u[0].kind == "job")
+        return secs, how
+
+    secs_ioi, how_ioi = estimate("ioi-t1")
+    secs_gt, how_gt = estimate("gt")
+    assert "on this task" in how_ioi and "on this task" in how_gt
+    assert secs_gt > 20 * secs_ioi  # each from its own task's job, not the model-wide median
+    (tmp_path / "other").mkdir()
+    only_gt = ResultsStore(tmp_path / "other")
+    job, runs, metrics, circuits, scores = make_job("aaaa000000000003", method="acdc", task="gt")
+    only_gt.record_job(job, runs, metrics, circuits, scores)
+    other = sweep(methods="acdc", sparsities="0.9", n_train="4", method_config={"acdc": {"taus": [0.5]}})
+    jobs, refs, _ = runner.validate(other, "cpu", "float32")
+    plan = runner.make_plan(jobs, refs, only_gt, "cpu", "float32", False, None)
+    _, per_unit = costs.estimate_plan(plan, only_gt, probe=False)
+    assert "on other tasks" in next(how for u, _, how in per_unit if u.kind == "job")
+
+
 def test_smoke_preset_matches_reference(tmp_path):
     """`--preset smoke` end to end against tests/reference/smoke.json (the CI regression check)."""
     assert main(["run", "--preset", "smoke", "--results", str(tmp_path), "--no-progress"]) == 0
