@@ -114,3 +114,14 @@ def temporary_methods(*classes):
     finally:
         for cls in classes:
             method._REGISTRY.pop(cls.name, None)
+
+
+def assert_same_circuits(a, b):
+    """Two discover results have the same sparsities and, at each, the same edges and scores bit for
+    bit (NaN where the other is NaN)."""
+    assert list(a.circuits) == list(b.circuits)
+    for s in a.circuits:
+        ca, cb = a.circuits[s], b.circuits[s]
+        assert torch.equal(ca.edges, cb.edges)
+        assert torch.equal(ca.scores.isnan(), cb.scores.isnan())
+        assert torch.equal(ca.scores.nan_to_num(0), cb.scores.nan_to_num(0))

@@ -188,7 +188,6 @@ def test_restart_with_fresh_heads_equals_full_pass(tiny):
 
 def test_fresh_heads_only_in_restarts_without_autograd(tiny):
     model, eng = tiny
-    g = model.graph
     clean = torch.randint(0, 1000, (2, 4))
     cache = eng.corrupted_cache(torch.randint(0, 1000, (2, 4)))
     state = eng.begin(clean, corrupted=cache)

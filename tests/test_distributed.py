@@ -3,7 +3,6 @@ the whole model on every process or FSDP-sharded over them), the FSDP adapter ag
 model, the per-device memory estimate, and clean errors of the multi-device paths."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -111,21 +110,6 @@ def test_fsdp_without_a_process_group_is_a_clear_error():
 
     with pytest.raises(UserError, match="process group"):
         shard_model(load_model("random:llama-tiny"), "cpu")
-
-
-@pytest.fixture
-def gloo_group(tmp_path):
-    """A process group of this process alone (gloo), destroyed after the test."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.fail("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp_path, 'rendezvous')}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_adapter_matches_the_whole_model(gloo_group):

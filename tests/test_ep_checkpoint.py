@@ -19,7 +19,7 @@ from circuitbench.runner import run_sweep
 from circuitbench.store import ResultsStore
 from circuitbench.sweep import Sweep, resolved_method_config
 from methods.edge_pruning import EdgePruning, _Cycle
-from methods_support import SyntheticTask, make_examples
+from methods_support import SyntheticTask, assert_same_circuits, make_examples
 
 EVERY_STEP = 1e-9  # checkpoint_every_s: a save before every step
 # a few steps on the random tiny GPT-2 (110 edges), masks starting half open so every sample matters,
@@ -67,13 +67,9 @@ def _target_info(res):
 def _assert_same(a, b):
     """Two discover results: the same circuits (edges, scores bit for bit, meta), target infos but wall
     times, and training log."""
-    assert list(a.circuits) == list(b.circuits)
+    assert_same_circuits(a, b)
     for s in a.circuits:
-        ca, cb = a.circuits[s], b.circuits[s]
-        assert torch.equal(ca.edges, cb.edges)
-        assert torch.equal(ca.scores.isnan(), cb.scores.isnan())
-        assert torch.equal(ca.scores.nan_to_num(0), cb.scores.nan_to_num(0))
-        assert ca.meta == cb.meta
+        assert a.circuits[s].meta == b.circuits[s].meta
     # circuits shared between requested sparsities stay shared
     assert [[a.circuits[s] is a.circuits[t] for t in a.circuits] for s in a.circuits] == \
         [[b.circuits[s] is b.circuits[t] for t in b.circuits] for s in b.circuits]
@@ -229,21 +225,6 @@ def test_checkpoint_every_s_is_checked_and_not_part_of_the_job_id():
     b = resolved_method_config(EdgePruning, "smoke", {"checkpoint_every_s": 5}, "ioi")
     assert a == b and "checkpoint_every_s" not in a
     assert "checkpoint_every_s" in EdgePruning.run_settings
-
-
-@pytest.fixture
-def gloo_group(tmp_path):
-    """A process group of this process alone (gloo), destroyed after the test."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.fail("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp_path, 'rendezvous')}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_rank_zero_saves_and_every_rank_resumes(eng, interrupt, tmp_path, capsys, gloo_group):

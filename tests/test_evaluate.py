@@ -1,6 +1,5 @@
 """The evaluator on a tiny random model: reference points, hand-computed metrics, CLI."""
 import json
-import math
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import torch
 
 import circuitbench
 from circuitbench.errors import UserError
-from circuitbench.tasks import TASKS, Examples, Splits, get_task
+from circuitbench.tasks import TASKS, Examples, get_task
 from circuitbench.tasks import boolexpr as bx
 from circuitbench.tasks._common import GeneratedTask
 from circuitbench.tasks.ioi import load_templates
