@@ -341,7 +341,7 @@ def test_dry_run_calibrates_each_task_by_its_own_stored_jobs(tmp_path):
     assert len(fast) == len(slow) == 1 and slow[0] > 50 * fast[0]
     assert sorted(per_example[model]) == sorted(fast + slow)
 
-    def estimate(task):
+    def estimate(task, store=store):
         other = sweep(methods="acdc", sparsities="0.9", n_train="4", tasks=task,
                       method_config={"acdc": {"taus": [0.5]}})
         jobs, refs, _ = runner.validate(other, "cpu", "float32")
@@ -358,11 +358,7 @@ def test_dry_run_calibrates_each_task_by_its_own_stored_jobs(tmp_path):
     only_gt = ResultsStore(tmp_path / "other")
     job, runs, metrics, circuits, scores = make_job("aaaa000000000003", method="acdc", task="gt")
     only_gt.record_job(job, runs, metrics, circuits, scores)
-    other = sweep(methods="acdc", sparsities="0.9", n_train="4", method_config={"acdc": {"taus": [0.5]}})
-    jobs, refs, _ = runner.validate(other, "cpu", "float32")
-    plan = runner.make_plan(jobs, refs, only_gt, "cpu", "float32", False, None)
-    _, per_unit = costs.estimate_plan(plan, only_gt, probe=False)
-    assert "on other tasks" in next(how for u, _, how in per_unit if u.kind == "job")
+    assert "on other tasks" in estimate("ioi-t1", only_gt)[1]
 
 
 def test_smoke_preset_matches_reference(tmp_path):
